@@ -1,0 +1,37 @@
+"""The process server role: receives encoded chunks from agents and writes them to the datastore.
+
+Agents ask :meth:`ProcessServer.missing` before they encode and send, so a chunk that the
+datastore already holds (from an earlier point, another disk or another machine) never travels
+twice. In embedded mode the agent calls this object directly; the distributed transport puts a
+wire protocol between the two without changing either side.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from siterecovery.ports.chunk_store import ChunkStore
+
+
+class ProcessServer:
+    """Deduplicates and stores chunks; thread safe; counts what it received and stored."""
+
+    def __init__(self, chunks: ChunkStore) -> None:
+        self.chunks = chunks
+        self._lock = threading.Lock()
+        self.received_bytes = 0
+        self.stored_bytes = 0
+
+    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+        """Which of these ids the datastore lacks (the agent sends only those)."""
+        return self.chunks.missing(chunk_ids)
+
+    def put(self, chunk_id: bytes, blob: bytes) -> int:
+        """Store one encoded chunk; return the bytes newly stored (0 if it was there already)."""
+        new = self.chunks.insert(chunk_id, blob)
+        stored = len(blob) if new else 0
+        with self._lock:
+            self.received_bytes += len(blob)
+            self.stored_bytes += stored
+        return stored

@@ -1,0 +1,73 @@
+"""``siterecovery``: the command line. Each command validates, calls one handler, renders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from siterecovery.control import handlers  # noqa: F401  (registers job handlers)
+from siterecovery.entrypoints.cli import (
+    datastore_cmd,
+    demo_cmd,
+    job_cmd,
+    policy_cmd,
+    replication_cmd,
+    site_cmd,
+    test_failover_cmd,
+    vault_cmd,
+    worker_cmd,
+)
+from siterecovery.entrypoints.cli.context import VaultOption
+from siterecovery.entrypoints.cli.render import err_console
+from siterecovery.errors import SiteRecoveryError
+
+app = typer.Typer(
+    name="siterecovery",
+    help="Self-hosted site recovery: replicate machines' disks, keep recovery points, drill and fail over.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def root(ctx: typer.Context, vault: Path = VaultOption) -> None:
+    ctx.obj = {"vault": vault}
+
+
+app.add_typer(vault_cmd.app, name="vault")
+app.add_typer(site_cmd.app, name="site")
+app.add_typer(site_cmd.machines, name="machine")
+app.add_typer(policy_cmd.app, name="policy")
+app.add_typer(replication_cmd.app, name="replication")
+app.command("status")(replication_cmd.status)
+app.add_typer(replication_cmd.points, name="point")
+app.add_typer(test_failover_cmd.app, name="test-failover")
+app.add_typer(job_cmd.app, name="job")
+app.add_typer(datastore_cmd.app, name="datastore")
+app.add_typer(worker_cmd.app, name="worker")
+app.command("demo")(demo_cmd.demo)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SiteRecoveryError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as err:
+        code = getattr(err, "exit_code", None)
+        if code is None:
+            code = getattr(err, "code", 0)
+        sys.exit(code or 0)
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
