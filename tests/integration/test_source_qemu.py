@@ -87,7 +87,7 @@ def _leftovers(daemon: MachineDaemon, work_dir: Path) -> dict[str, list[str]]:
     return {"jobs": jobs, "exports": exports, "nodes": nodes, "files": files}
 
 
-NOTHING_LEFT = {"jobs": [], "exports": [], "nodes": [], "files": []}
+NOTHING_LEFT: dict[str, list[str]] = {"jobs": [], "exports": [], "nodes": [], "files": []}
 
 
 def test_first_snapshot_has_unknown_changes_then_exact_extents(

@@ -117,7 +117,7 @@ def test_is_zero() -> None:
     assert is_zero(memoryview(bytes(CHUNK_SIZE * 2)))
     assert not is_zero(bytes(CHUNK_SIZE - 1) + b"\x01")
     assert not is_zero(b"\x00" * 10 + b"\x01")
-    assert ZERO_ID == bytes(32)
+    assert bytes(32) == ZERO_ID
 
 
 def test_codec_is_thread_safe() -> None:
@@ -138,7 +138,7 @@ def test_vault_key_bytes_and_fingerprint() -> None:
     assert again.fingerprint() == key.fingerprint()
     assert key.fingerprint() != VaultKey.generate().fingerprint()
     assert key.to_bytes().hex()[:32] not in key.fingerprint()
-    assert key.fingerprint() not in repr(key) or key.to_bytes().hex() not in repr(key)
+    assert key.to_bytes().hex()[:16] not in repr(key)
     with pytest.raises(VaultError):
         VaultKey.from_bytes(b"short")
 

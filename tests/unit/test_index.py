@@ -30,7 +30,9 @@ def fake_id(n: int) -> bytes:
     return hashlib.blake2b(n.to_bytes(8, "little"), digest_size=32).digest()
 
 
-def build(store: MemoryChunkStore, size: int, entries: dict[int, bytes], base: IndexRef | None = None) -> IndexRef:
+def build(
+    store: MemoryChunkStore, size: int, entries: dict[int, bytes], base: IndexRef | None = None
+) -> IndexRef:
     w = IndexWriter(store, CODEC, size, base)
     w.set_many(entries.items())
     return w.commit()

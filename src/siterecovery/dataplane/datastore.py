@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +234,7 @@ class Datastore:
     def index_reader(self, ref: IndexRef) -> IndexReader:
         return IndexReader(self.chunks, self.codec, ref, self.page_cache)
 
-    def read_disk(self, ref: IndexRef, *, threads: int = 2) -> Iterator[tuple[int, bytes | None]]:
+    def read_disk(self, ref: IndexRef, *, threads: int = 2) -> Generator[tuple[int, bytes], None, None]:
         """``(offset, data)`` of every non-zero chunk of the disk, in order. The last chunk is cut
         to the disk's size. Chunks are fetched and decoded ahead by ``threads`` threads, at most
         ``4 * threads`` at a time (bounded memory)."""

@@ -156,7 +156,7 @@ class Agent:
         resume_offset: int | None = None,
         progress: ProgressFn | None = None,
         checkpoint: CheckpointFn | None = None,
-        checkpoint_every_s: float = 5.0,
+        checkpoint_every_s: float = 1.0,
         cancel: threading.Event | None = None,
     ) -> DiskResult:
         """Build the index of ``view`` relative to ``base``; see the module docstring for modes.

@@ -541,7 +541,7 @@ class Workload:
         if proc is None or proc.returncode in (None, 0) or self._killed:
             return
         err = ""
-        if self._stderr is not None:
+        if self._stderr is not None and not self._stderr.closed:
             self._stderr.seek(0)
             err = self._stderr.read().decode(errors="replace").strip()
         raise SourceError(

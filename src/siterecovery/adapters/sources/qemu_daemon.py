@@ -192,13 +192,16 @@ class MachineDaemon:
     def _is_our_process(self, pid: int) -> bool:
         # Guards against pid reuse after the daemon exited.
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return (
-            bool(cmdline)
-            and os.path.basename(cmdline[0]) == DAEMON_BINARY.encode()
-            and any(os.fsencode(self.qmp_socket) in arg for arg in cmdline)
+        if not raw:
+            # An exiting process has already released its memory (and so its cmdline) but has
+            # not exited yet: still ours.
+            return True
+        cmdline = raw.split(b"\0")
+        return os.path.basename(cmdline[0]) == DAEMON_BINARY.encode() and any(
+            os.fsencode(self.qmp_socket) in arg for arg in cmdline
         )
 
     def _command(self) -> list[str]:
