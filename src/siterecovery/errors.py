@@ -76,9 +76,7 @@ class OperationNotAllowed(SiteRecoveryError):
 
     exit_code = 5
     http_status = 409
-    template = (
-        "{operation} is not allowed for {item!r} in state {state}; allowed operations: {allowed}."
-    )
+    template = "{operation} is not allowed for {item!r} in state {state}; allowed operations: {allowed}."
 
 
 class VaultError(SiteRecoveryError):

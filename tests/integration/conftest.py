@@ -14,8 +14,13 @@ from typing import Any
 import pytest
 
 from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
-from siterecovery.control import handlers  # noqa: F401  (registers job handlers)
-from siterecovery.control import jobs, policies, protection, sites
+from siterecovery.control import (
+    handlers,  # noqa: F401  (registers job handlers)
+    jobs,
+    policies,
+    protection,
+    sites,
+)
 from siterecovery.control.vault import Vault, create_vault
 from siterecovery.demo.fabric import fill_image, load_base, write_inventory
 from siterecovery.demo.workload import Workload
@@ -56,8 +61,14 @@ class Lab:
     def start_workload(self, name: str, rate: float = 2_000_000, seed: int = 7) -> Workload:
         m = self.machines[name]
         assert m.daemon is not None
-        wl = Workload(m.daemon.nbd_socket, m.regions, self.root / "logs" / f"{name}.log",
-                      rate_bytes_s=rate, seed=seed, machine_tag=name)
+        wl = Workload(
+            m.daemon.nbd_socket,
+            m.regions,
+            self.root / "logs" / f"{name}.log",
+            rate_bytes_s=rate,
+            seed=seed,
+            machine_tag=name,
+        )
         wl.start()
         m.workload = wl
         return wl
@@ -72,9 +83,16 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
     labs: list[Lab] = []
     roots: list[Path] = []
 
-    def make(machines: int = 1, size: int = 64 * MIB, data: int = 8 * MIB, kind: str = "qemu",
-             policy: dict[str, Any] | None = None, datastore: Path | None = None,
-             recovery_path: Path | None = None, hooks: dict[str, Any] | None = None) -> Lab:
+    def make(
+        machines: int = 1,
+        size: int = 64 * MIB,
+        data: int = 8 * MIB,
+        kind: str = "qemu",
+        policy: dict[str, Any] | None = None,
+        datastore: Path | None = None,
+        recovery_path: Path | None = None,
+        hooks: dict[str, Any] | None = None,
+    ) -> Lab:
         # Short paths: unix socket paths are limited to 107 bytes.
         root = Path(tempfile.mkdtemp(prefix="sr-"))
         roots.append(root)
@@ -92,10 +110,18 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
                 images[disk], regions[disk] = img, base.workload_region
             m = LabMachine(name, images, regions)
             entry: dict[str, Any] = {
-                "name": name, "cpus": 1, "memory_mib": 512,
+                "name": name,
+                "cpus": 1,
+                "memory_mib": 512,
                 "disk": [{"name": d, "node": d, "path": str(p)} for d, p in images.items()],
-                "nic": [{"name": "nic0", "mac": f"52:54:00:00:01:{i + 1:02x}", "ip": f"10.0.0.{10 + i}",
-                         "network": "prod"}],
+                "nic": [
+                    {
+                        "name": "nic0",
+                        "mac": f"52:54:00:00:01:{i + 1:02x}",
+                        "ip": f"10.0.0.{10 + i}",
+                        "network": "prod",
+                    }
+                ],
             }
             if hooks:
                 entry["hooks"] = hooks
@@ -109,8 +135,14 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
         sites.add_site(vault, "primary", kind, "primary", root / "inventory.toml", None)
         sites.add_site(vault, "recovery", kind, "recovery", None, recovery_path or root / "recovery")
         sites.discover(vault, "primary")
-        policies.create_policy(vault, "fast", **(policy or {"crash_frequency": "5s", "rpo_threshold": "30s",
-                                                            "retention": "2h", "app_frequency": 0}))
+        policies.create_policy(
+            vault,
+            "fast",
+            **(
+                policy
+                or {"crash_frequency": "5s", "rpo_threshold": "30s", "retention": "2h", "app_frequency": 0}
+            ),
+        )
         lab = Lab(root, vault, kind, lab_machines)
         labs.append(lab)
         return lab

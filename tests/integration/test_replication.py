@@ -101,14 +101,20 @@ def test_inconsistent_bitmap_leads_to_hash_resync_sending_only_changed_chunks(la
     m.daemon.stop()
     paths = recover_point(lab, "vm1", r2.point_id, tmp_path)
     for disk, img in m.images.items():
-        out = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(paths[disk]), str(img)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(paths[disk]), str(img)],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _worker(lab) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "siterecovery.entrypoints.worker", "--vault",
-                             str(lab.vault.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "siterecovery.entrypoints.worker", "--vault", str(lab.vault.root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_kill_during_initial_replication_resumes_without_resending(lab_factory, tmp_path):
@@ -157,8 +163,11 @@ def test_kill_during_initial_replication_resumes_without_resending(lab_factory, 
     point = final["result"]["initial_point"]
     paths = recover_point(lab, "vm1", point, tmp_path)
     for disk, img in m.images.items():
-        out = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(paths[disk]), str(img)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(paths[disk]), str(img)],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -57,7 +57,9 @@ def load_inventory(path: Path, kind: str) -> dict[str, dict[str, Any]]:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError as err:
-        raise InvalidInput(f"inventory {path} does not exist; give the path of a TOML inventory file.") from err
+        raise InvalidInput(
+            f"inventory {path} does not exist; give the path of a TOML inventory file."
+        ) from err
     except tomllib.TOMLDecodeError as err:
         raise InvalidInput(f"inventory {path} is not valid TOML: {err}") from err
     machines: dict[str, dict[str, Any]] = {}
@@ -74,7 +76,9 @@ def load_inventory(path: Path, kind: str) -> dict[str, dict[str, Any]]:
                 raise _fail(path, where, f"disk {dname!r} is listed twice.")
             disk = {"name": dname, "node": d.get("node", dname), "path": d.get("path")}
             if kind == "raw" and not disk["path"]:
-                raise _fail(path, f"{where} disk {dname!r}", "raw sites need 'path' (image file or block device).")
+                raise _fail(
+                    path, f"{where} disk {dname!r}", "raw sites need 'path' (image file or block device)."
+                )
             if disk["path"]:
                 disk["path"] = str(Path(disk["path"]).expanduser())
             disks.append(disk)
@@ -85,13 +89,19 @@ def load_inventory(path: Path, kind: str) -> dict[str, dict[str, Any]]:
             nname = _name(path, where, n.get("name", f"nic{len(nics)}"), "nic name")
             mac = n.get("mac")
             if mac is not None and not MAC_RE.match(str(mac)):
-                raise _fail(path, f"{where} nic {nname!r}", f"mac {mac!r} is not a MAC address like 52:54:00:12:34:56.")
+                raise _fail(
+                    path,
+                    f"{where} nic {nname!r}",
+                    f"mac {mac!r} is not a MAC address like 52:54:00:12:34:56.",
+                )
             ip = n.get("ip")
             if ip not in (None, "", "dhcp"):
                 try:
                     ipaddress.ip_address(ip)
                 except ValueError as err:
-                    raise _fail(path, f"{where} nic {nname!r}", f"ip {ip!r} is not an IP address (or 'dhcp').") from err
+                    raise _fail(
+                        path, f"{where} nic {nname!r}", f"ip {ip!r} is not an IP address (or 'dhcp')."
+                    ) from err
             nics.append({"name": nname, "mac": mac, "ip": ip or "dhcp", "network": n.get("network")})
         hooks = m.get("hooks") or {}
         if kind == "qemu" and not m.get("qmp"):

@@ -53,8 +53,10 @@ def new_job(
         target=target,
         state=QUEUED,
         params=params or {},
-        steps=[{"name": n, "state": "NotStarted", "started_at": None, "ended_at": None, "detail": None}
-               for n in steps],
+        steps=[
+            {"name": n, "state": "NotStarted", "started_at": None, "ended_at": None, "detail": None}
+            for n in steps
+        ],
         progress=0.0,
         created_at=time.time(),
     )
@@ -120,7 +122,9 @@ class JobContext:
 
     def step_done(self, name: str) -> bool:
         with self.vault.store.uow() as s:
-            return any(st["name"] == name and st["state"] == SUCCEEDED for st in get_job(s, self.job_id).steps)
+            return any(
+                st["name"] == name and st["state"] == SUCCEEDED for st in get_job(s, self.job_id).steps
+            )
 
     def _set_step(self, name: str, **changes: Any) -> None:
         with self.vault.store.uow() as s:
@@ -182,7 +186,12 @@ def claim(vault: Any, job_id: str) -> bool:
         job = get_job(s, job_id)
         if job.state not in (QUEUED, RUNNING):
             return False
-        if job.state == RUNNING and job.worker_pid and pid_alive(job.worker_pid) and job.worker_pid != os.getpid():
+        if (
+            job.state == RUNNING
+            and job.worker_pid
+            and pid_alive(job.worker_pid)
+            and job.worker_pid != os.getpid()
+        ):
             return False
         job.state = RUNNING
         job.worker_pid = os.getpid()
@@ -217,7 +226,9 @@ def run_job(vault: Any, job_id: str) -> None:
 
 def runnable_jobs(vault: Any) -> list[str]:
     with vault.store.uow() as s:
-        rows = s.scalars(select(JobRow).where(JobRow.state.in_((QUEUED, RUNNING))).order_by(JobRow.created_at))
+        rows = s.scalars(
+            select(JobRow).where(JobRow.state.in_((QUEUED, RUNNING))).order_by(JobRow.created_at)
+        )
         return [j.id for j in rows if j.state == QUEUED or not (j.worker_pid and pid_alive(j.worker_pid))]
 
 
@@ -236,8 +247,12 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def wait_for(vault: Any, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+def wait_for(
+    vault: Any,
+    job_id: str,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
     """Poll a job until it ends (for the CLI); returns its final record."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:

@@ -77,8 +77,10 @@ def create_policy(vault: Any, name: str, **settings: Any) -> list[dict[str, Any]
 def update_policy(vault: Any, name: str, **settings: Any) -> dict[str, Any]:
     changes = {k: v for k, v in settings.items() if v is not None}
     if not changes:
-        raise InvalidInput("nothing to change: give at least one of --rpo-threshold, --retention, "
-                           "--crash-frequency, --app-frequency.")
+        raise InvalidInput(
+            "nothing to change: give at least one of --rpo-threshold, --retention, "
+            "--crash-frequency, --app-frequency."
+        )
     with vault.store.uow() as s:
         row = get_policy(s, name)
         spec = spec_of(row).with_changes(**changes)

@@ -38,11 +38,16 @@ def find_machine(session: Any, name: str, site: str | None) -> MachineRow:
         q = q.where(SiteRow.name == site)
     rows = list(session.scalars(q))
     if not rows:
-        raise NotFound(kind="machine", name=name,
-                       hint=" Run 'siterecovery site discover SITE' and 'siterecovery machine list'.")
+        raise NotFound(
+            kind="machine",
+            name=name,
+            hint=" Run 'siterecovery site discover SITE' and 'siterecovery machine list'.",
+        )
     if len(rows) > 1:
-        raise InvalidInput(f"machine {name!r} exists in several sites ({', '.join(r.site.name for r in rows)}); "
-                           "name the site with --source-site.")
+        raise InvalidInput(
+            f"machine {name!r} exists in several sites ({', '.join(r.site.name for r in rows)}); "
+            "name the site with --source-site."
+        )
     if not rows[0].present:
         raise InvalidInput(f"machine {name!r} is no longer in the inventory of site {rows[0].site.name!r}.")
     return rows[0]
@@ -62,19 +67,25 @@ def enable_replication(
     with vault.store.uow() as s:
         m = find_machine(s, machine, source_site)
         if s.scalar(select(ItemRow).where(ItemRow.machine_id == m.id)) is not None:
-            raise AlreadyExists(kind="protected item", name=machine,
-                                hint=" It is already protected; see 'siterecovery status'.")
+            raise AlreadyExists(
+                kind="protected item",
+                name=machine,
+                hint=" It is already protected; see 'siterecovery status'.",
+            )
         if s.scalar(select(ItemRow).where(ItemRow.name == machine)) is not None:
             raise AlreadyExists(kind="protected item", name=machine)
         pol = get_policy(s, policy)
         target = get_site(s, recovery_site)
         if target.role != "recovery":
-            raise InvalidInput(f"site {recovery_site!r} is a {target.role} site; replicate to a recovery site.")
+            raise InvalidInput(
+                f"site {recovery_site!r} is a {target.role} site; replicate to a recovery site."
+            )
         names = [d["name"] for d in m.spec["disks"]]
         unknown = [d for d in exclude if d not in names]
         if unknown:
-            raise InvalidInput(f"cannot exclude {', '.join(unknown)}: machine {machine!r} has disks "
-                               f"{', '.join(names)}.")
+            raise InvalidInput(
+                f"cannot exclude {', '.join(unknown)}: machine {machine!r} has disks {', '.join(names)}."
+            )
         disks = [n for n in names if n not in exclude]
         if not disks:
             raise InvalidInput("every disk would be excluded; at least one disk must be replicated.")
@@ -137,6 +148,7 @@ def run_enable(ctx: JobContext) -> None:
 
     with ctx.step("Initial replication") as run:
         if run:
+
             def progress(done: int, total: int) -> None:
                 _set_progress(ctx, name, done, total)
 
@@ -145,8 +157,12 @@ def run_enable(ctx: JobContext) -> None:
             except Exception as err:
                 record_failure(ctx.vault, name, err)
                 raise
-            ctx.set_result(initial_point=result.point_id, bytes_read=result.stats.bytes_read,
-                           bytes_sent=result.stats.bytes_sent, bytes_stored=result.stats.bytes_stored)
+            ctx.set_result(
+                initial_point=result.point_id,
+                bytes_read=result.stats.bytes_read,
+                bytes_sent=result.stats.bytes_sent,
+                bytes_stored=result.stats.bytes_stored,
+            )
 
     with ctx.step("Finalize protection") as run:
         if run:
@@ -247,7 +263,9 @@ def point_dict(p: PointRow) -> dict[str, Any]:
 def list_points(vault: Any, item_name: str) -> list[dict[str, Any]]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        rows = s.scalars(select(PointRow).where(PointRow.item_id == item.id).order_by(PointRow.created_at.desc()))
+        rows = s.scalars(
+            select(PointRow).where(PointRow.item_id == item.id).order_by(PointRow.created_at.desc())
+        )
         return [point_dict(p) for p in rows]
 
 
@@ -258,13 +276,16 @@ def resolve_point(session: Any, item: ItemRow, which: str) -> PointRow:
         row = session.scalar(q.order_by(PointRow.created_at.desc()).limit(1))
         what = "no recovery point yet; wait for the initial replication to finish"
     elif which in ("latest-app", "latest-app-consistent"):
-        row = session.scalar(q.where(PointRow.consistency == "app-consistent")
-                             .order_by(PointRow.created_at.desc()).limit(1))
+        row = session.scalar(
+            q.where(PointRow.consistency == "app-consistent").order_by(PointRow.created_at.desc()).limit(1)
+        )
         what = "no app-consistent recovery point; use 'latest' or configure freeze/thaw hooks"
     else:
         row = session.scalar(q.where(PointRow.id == which))
-        what = (f"recovery point {which!r} does not exist (retention may have removed it); "
-                f"see 'siterecovery point list {item.name}'")
+        what = (
+            f"recovery point {which!r} does not exist (retention may have removed it); "
+            f"see 'siterecovery point list {item.name}'"
+        )
     if row is None:
         raise NotFound(f"{item.name}: {what}.")
     return row
@@ -279,17 +300,33 @@ def disable_replication(vault: Any, item_name: str, *, keep_points: bool = False
         item = get_item(s, item_name)
         state = ItemState(item.state)
         begin(state, Operation.DISABLE, item=item_name)
-        running = s.scalar(select(JobRow).where(JobRow.item_id == item.id,
-                                                JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)),
-                                                JobRow.kind != "enable-replication"))
+        running = s.scalar(
+            select(JobRow).where(
+                JobRow.item_id == item.id,
+                JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)),
+                JobRow.kind != "enable-replication",
+            )
+        )
         if running is not None:
-            raise OperationNotAllowed(f"{item_name!r} has job {running.id} ({running.kind}) running; "
-                                      "wait for it to end, then disable.")
+            raise OperationNotAllowed(
+                f"{item_name!r} has job {running.id} ({running.kind}) running; "
+                "wait for it to end, then disable."
+            )
         if item.test_failover:
-            raise OperationNotAllowed(operation="disable", item=item_name, state=item.state,
-                                      allowed="test-failover-cleanup (clean up the test failover first)")
-        job = new_job(s, "disable-replication", item_name, DISABLE_STEPS, item_id=item.id,
-                      params={"keep_points": keep_points, "previous_state": item.state})
+            raise OperationNotAllowed(
+                operation="disable",
+                item=item_name,
+                state=item.state,
+                allowed="test-failover-cleanup (clean up the test failover first)",
+            )
+        job = new_job(
+            s,
+            "disable-replication",
+            item_name,
+            DISABLE_STEPS,
+            item_id=item.id,
+            params={"keep_points": keep_points, "previous_state": item.state},
+        )
         item.state = ItemState.DISABLING.value
         return {"item": item_name, "job": job.id}
 
@@ -304,9 +341,13 @@ def run_disable(ctx: JobContext) -> None:
             return  # already removed by an earlier run of this job
         name, item_id, kind, spec = item.name, item.id, item.source_site.kind, dict(item.machine.spec)
         # Cancel an initial replication still queued or running for this item.
-        for other in s.scalars(select(JobRow).where(JobRow.item_id == item_id,
-                                                    JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)),
-                                                    JobRow.id != ctx.job_id)):
+        for other in s.scalars(
+            select(JobRow).where(
+                JobRow.item_id == item_id,
+                JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)),
+                JobRow.id != ctx.job_id,
+            )
+        ):
             other.state, other.ended_at, other.error = jobs.CANCELLED, time.time(), "replication disabled"
     with ctx.step("Stop replication") as run, item_lock(item_id):
         if run:
@@ -345,5 +386,7 @@ def run_disable(ctx: JobContext) -> None:
 
 def describe_policy_of(item: ItemRow) -> str:
     p = item.policy
-    return (f"{p.name}: crash-consistent every {format_duration(p.crash_interval_s)}, retention "
-            f"{format_duration(p.retention_s)}")
+    return (
+        f"{p.name}: crash-consistent every {format_duration(p.crash_interval_s)}, retention "
+        f"{format_duration(p.retention_s)}"
+    )

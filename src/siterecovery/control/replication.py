@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from siterecovery.adapters.db.models import ItemRow, PointRow
 from siterecovery.bootstrap import embedded_agent, source_for
+from siterecovery.control.maintenance import datastore_lock
 from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.manifest import Manifest
 from siterecovery.dataplane.replicate import DiskStats
@@ -121,15 +122,41 @@ def take_point(
         policy_retention = item.policy.retention_s
         machine_name = item.machine.name
 
-    with item_lock(item_id):
-        return _cycle(vault, item_name, item_id, spec, kind, disks, base_refs, checkpoint, app, initial,
-                      progress, cancel, policy_retention, machine_name, t0)
+    with item_lock(item_id), datastore_lock(vault):
+        return _cycle(
+            vault,
+            item_name,
+            item_id,
+            spec,
+            kind,
+            disks,
+            base_refs,
+            checkpoint,
+            app,
+            initial,
+            progress,
+            cancel,
+            policy_retention,
+            machine_name,
+            t0,
+        )
 
 
 def _cycle(
-    vault: Any, item_name: str, item_id: int, spec: dict[str, Any], kind: str, disks: list[str],
-    base_refs: dict[str, IndexRef], checkpoint: dict[str, Any], app: bool, initial: bool,
-    progress: ProgressFn | None, cancel: threading.Event | None, retention_s: float, machine_name: str,
+    vault: Any,
+    item_name: str,
+    item_id: int,
+    spec: dict[str, Any],
+    kind: str,
+    disks: list[str],
+    base_refs: dict[str, IndexRef],
+    checkpoint: dict[str, Any],
+    app: bool,
+    initial: bool,
+    progress: ProgressFn | None,
+    cancel: threading.Event | None,
+    retention_s: float,
+    machine_name: str,
     t0: float,
 ) -> CycleResult:
     hooks = spec.get("hooks") or {}
@@ -180,8 +207,9 @@ def _cycle(
 
                 def disk_progress(done: int, total: int, _off: int = done_before, _n: str = name) -> None:
                     if progress is not None:
-                        progress(_off + int(done * sizes[_n] / total) if total else _off + sizes[_n],
-                                 total_bytes)
+                        progress(
+                            _off + int(done * sizes[_n] / total) if total else _off + sizes[_n], total_bytes
+                        )
 
                 def save_ckpt(ref: IndexRef, offset: int, _n: str = name) -> None:
                     ckpt_disks[_n] = {"ref": ref.to_json(), "offset": offset}

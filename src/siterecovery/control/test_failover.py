@@ -11,6 +11,7 @@ user's notes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -23,6 +24,7 @@ from sqlalchemy import select
 from siterecovery.adapters.db.models import ItemRow, JobRow
 from siterecovery.control import jobs
 from siterecovery.control.jobs import JobContext, handler, new_job
+from siterecovery.control.maintenance import datastore_lock
 from siterecovery.control.protection import get_item, resolve_point
 from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.materialize import materialize_disk
@@ -34,11 +36,14 @@ CLEANUP_STEPS = ["Stop test machine", "Delete test machine", "Complete cleanup"]
 
 
 def _busy(session: Any, item: ItemRow) -> None:
-    running = session.scalar(select(JobRow).where(JobRow.item_id == item.id,
-                                                  JobRow.state.in_((jobs.QUEUED, jobs.RUNNING))))
+    running = session.scalar(
+        select(JobRow).where(JobRow.item_id == item.id, JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)))
+    )
     if running is not None:
-        raise OperationNotAllowed(f"{item.name!r} has job {running.id} ({running.kind}) running; "
-                                  "wait for it to end ('siterecovery job show').")
+        raise OperationNotAllowed(
+            f"{item.name!r} has job {running.id} ({running.kind}) running; "
+            "wait for it to end ('siterecovery job show')."
+        )
 
 
 def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> dict[str, Any]:
@@ -48,13 +53,24 @@ def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> di
         entered = begin(state, Operation.TEST_FAILOVER, item=item_name)
         _busy(s, item)
         p = resolve_point(s, item, point)
-        job = new_job(s, "test-failover", item_name, START_STEPS, item_id=item.id,
-                      params={"point_id": p.id, "requested": point, "previous_state": state.value})
+        job = new_job(
+            s,
+            "test-failover",
+            item_name,
+            START_STEPS,
+            item_id=item.id,
+            params={"point_id": p.id, "requested": point, "previous_state": state.value},
+        )
         item.state = entered.value
         # Pin the point now, so that retention cannot remove it before the job reads it.
         item.test_failover = {"point_id": p.id, "job": job.id, "state": "starting"}
-        return {"item": item_name, "job": job.id, "point_id": p.id, "point_time": p.created_at,
-                "point_type": p.consistency}
+        return {
+            "item": item_name,
+            "job": job.id,
+            "point_id": p.id,
+            "point_time": p.created_at,
+            "point_type": p.consistency,
+        }
 
 
 def test_machine_dir(site_path: str, name: str) -> Path:
@@ -88,17 +104,20 @@ def run_test_failover(ctx: JobContext) -> None:
                 tdir.parent.mkdir(parents=True, exist_ok=True)
                 free = shutil.disk_usage(tdir.parent).free
                 if free < need:
-                    raise StorageFull(where=str(tdir.parent),
-                                      detail=f"{free} bytes free, the test machine needs {need}")
+                    raise StorageFull(
+                        where=str(tdir.parent), detail=f"{free} bytes free, the test machine needs {need}"
+                    )
                 ctx.progress(0.05, f"recovering {point_info['id']} ({point_info['type']})", force=True)
 
         disk_paths = {n: str(tdir / f"{n}.{fmt}") for n in refs}
         with ctx.step("Create test machine") as run:
             if run:
                 tdir.mkdir(parents=True, exist_ok=True)
-                with ThreadPoolExecutor(max_workers=max(1, len(refs))) as pool:
-                    futs = {n: pool.submit(materialize_disk, ctx.vault.datastore, r, Path(disk_paths[n]), fmt)
-                            for n, r in refs.items()}
+                with datastore_lock(ctx.vault), ThreadPoolExecutor(max_workers=max(1, len(refs))) as pool:
+                    futs = {
+                        n: pool.submit(materialize_disk, ctx.vault.datastore, r, Path(disk_paths[n]), fmt)
+                        for n, r in refs.items()
+                    }
                     written = {n: f.result() for n, f in futs.items()}
                 machine = {
                     "name": f"{name}-test",
@@ -107,8 +126,9 @@ def run_test_failover(ctx: JobContext) -> None:
                     "cpus": spec["cpus"],
                     "memory_mib": spec["memory_mib"],
                     "os": spec["os"],
-                    "disks": [{"name": n, "path": disk_paths[n], "format": fmt, "size": refs[n].size}
-                              for n in refs],
+                    "disks": [
+                        {"name": n, "path": disk_paths[n], "format": fmt, "size": refs[n].size} for n in refs
+                    ],
                     # A drill never joins production networks: NICs go to an isolated test network.
                     "nics": [{**nic, "network": f"{name}-test-isolated"} for nic in spec["nics"]],
                 }
@@ -157,10 +177,9 @@ def _remove_test_machine(tdir: Path) -> None:
     if (run_dir / "daemon.json").exists():
         from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
 
-        try:
+        # Already gone: nothing to stop.
+        with contextlib.suppress(Exception):
             MachineDaemon.attach(run_dir).stop()
-        except Exception:  # already gone: nothing to stop
-            pass
     shutil.rmtree(tdir, ignore_errors=True)
 
 
@@ -169,8 +188,14 @@ def cleanup_test_failover(vault: Any, item_name: str, notes: str = "") -> dict[s
         item = get_item(s, item_name)
         entered = begin(ItemState(item.state), Operation.TEST_FAILOVER_CLEANUP, item=item_name)
         _busy(s, item)
-        job = new_job(s, "test-failover-cleanup", item_name, CLEANUP_STEPS, item_id=item.id,
-                      params={"notes": notes, "test_failover": item.test_failover})
+        job = new_job(
+            s,
+            "test-failover-cleanup",
+            item_name,
+            CLEANUP_STEPS,
+            item_id=item.id,
+            params={"notes": notes, "test_failover": item.test_failover},
+        )
         item.state = entered.value
         return {"item": item_name, "job": job.id}
 
@@ -199,5 +224,6 @@ def run_cleanup(ctx: JobContext) -> None:
                 item = get_item(s, name)
                 item.state = ItemState.PROTECTED.value
                 item.test_failover = None
-            ctx.set_result(notes=params.get("notes", ""), test_machine=tf.get("machine"),
-                           point_id=tf.get("point_id"))
+            ctx.set_result(
+                notes=params.get("notes", ""), test_machine=tf.get("machine"), point_id=tf.get("point_id")
+            )

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from siterecovery.adapters.db.models import ItemRow
 from siterecovery.control import jobs
+from siterecovery.control.maintenance import run_gc
 from siterecovery.control.replication import record_failure, take_point
 from siterecovery.domain.states import ItemState
 from siterecovery.errors import VaultError
@@ -119,8 +120,15 @@ class Worker:
         now = time.time()
         with self.vault.store.uow() as s:
             items = [
-                (i.name, i.last_point_at, i.last_attempt_at, i.last_app_point_at, i.policy.crash_interval_s,
-                 i.policy.app_interval_s, i.consecutive_failures)
+                (
+                    i.name,
+                    i.last_point_at,
+                    i.last_attempt_at,
+                    i.last_app_point_at,
+                    i.policy.crash_interval_s,
+                    i.policy.app_interval_s,
+                    i.consecutive_failures,
+                )
                 for i in s.scalars(select(ItemRow).where(ItemRow.state.in_([st.value for st in REPLICATING])))
             ]
         for name, last, attempt, last_app, crash_s, app_s, failures in items:
@@ -140,15 +148,23 @@ class Worker:
     def _cycle(self, name: str, app: bool) -> None:
         try:
             r = take_point(self.vault, name, app=app)
-            log.info("%s: point %s (%s, %s) sent %d bytes in %.2fs%s", name, r.point_id, r.consistency,
-                     r.method, r.stats.bytes_sent, r.duration_s, f" warning: {r.warning}" if r.warning else "")
+            log.info(
+                "%s: point %s (%s, %s) sent %d bytes in %.2fs%s",
+                name,
+                r.point_id,
+                r.consistency,
+                r.method,
+                r.stats.bytes_sent,
+                r.duration_s,
+                f" warning: {r.warning}" if r.warning else "",
+            )
         except Exception as err:  # recorded on the item; health shows it
             log.warning("%s: replication cycle failed: %s", name, err)
             record_failure(self.vault, name, err)
 
     def _gc(self) -> None:
         try:
-            stats = self.vault.datastore.gc(GC_GRACE_S)
+            stats = run_gc(self.vault, GC_GRACE_S)
             log.info("garbage collection: %s", stats)
         except Exception as err:
             log.warning("garbage collection failed: %s", err)
@@ -176,7 +192,10 @@ def ensure_worker(vault: Any, timeout: float = 20.0) -> int:
     with open(run / "worker.log", "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "siterecovery.entrypoints.worker", "--vault", str(vault.root)],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

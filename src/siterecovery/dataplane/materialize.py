@@ -42,7 +42,9 @@ def materialize_disk(datastore: Datastore, ref: IndexRef, out: Path, fmt: str = 
             tmp = out.with_name(out.name + ".partial")
             proc = subprocess.run(
                 ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-W", "-m", "4", str(raw_path), str(tmp)],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode != 0:
                 tmp.unlink(missing_ok=True)

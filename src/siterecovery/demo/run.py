@@ -29,6 +29,7 @@ from rich.table import Table
 
 from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
 from siterecovery.control import jobs, policies, protection, sites, test_failover
+from siterecovery.control.maintenance import run_verify
 from siterecovery.control.vault import Vault, create_vault
 from siterecovery.control.worker import ensure_worker, stop_worker
 from siterecovery.demo.fabric import fill_image, load_base, write_inventory
@@ -114,8 +115,10 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
         console.rule("[bold]siterecovery demo")
         console.print(f"working in {root}")
         # 1. Machines with real data, each owned by a storage daemon standing in for its VM.
-        console.print(f"making {len(names)} machines x {len(DISKS)} disks of {cfg.disk_size // MIB} MiB "
-                      f"({cfg.data_bytes // MIB} MiB of real data each)")
+        console.print(
+            f"making {len(names)} machines x {len(DISKS)} disks of {cfg.disk_size // MIB} MiB "
+            f"({cfg.data_bytes // MIB} MiB of real data each)"
+        )
         inventory = []
         regions: dict[str, dict[str, tuple[int, int]]] = {}
         images: dict[str, dict[str, Path]] = {}
@@ -129,13 +132,25 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
                 images[name][disk] = img
                 regions[name][disk] = base.workload_region
             daemons[name] = MachineDaemon.start(root / "primary" / "run" / name, images[name])
-            inventory.append({
-                "name": name, "os": "linux", "cpus": 2, "memory_mib": 2048,
-                "qmp": daemons[name].qmp_socket, "nbd": daemons[name].nbd_socket,
-                "disk": [{"name": d, "node": d, "path": str(images[name][d])} for d in DISKS],
-                "nic": [{"name": "nic0", "mac": f"52:54:00:00:00:{m_i + 1:02x}", "ip": f"10.10.0.{11 + m_i}",
-                         "network": "prod"}],
-            })
+            inventory.append(
+                {
+                    "name": name,
+                    "os": "linux",
+                    "cpus": 2,
+                    "memory_mib": 2048,
+                    "qmp": daemons[name].qmp_socket,
+                    "nbd": daemons[name].nbd_socket,
+                    "disk": [{"name": d, "node": d, "path": str(images[name][d])} for d in DISKS],
+                    "nic": [
+                        {
+                            "name": "nic0",
+                            "mac": f"52:54:00:00:00:{m_i + 1:02x}",
+                            "ip": f"10.10.0.{11 + m_i}",
+                            "network": "prod",
+                        }
+                    ],
+                }
+            )
         inv_path = root / "primary" / "inventory.toml"
         write_inventory(inv_path, inventory)
 
@@ -144,23 +159,37 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
         sites.add_site(vault, "primary", "qemu", "primary", inv_path, None)
         sites.add_site(vault, "recovery", "qemu", "recovery", None, root / "recovery")
         found = sites.discover(vault, "primary")
-        checks.add("discovery", sorted(found["added"]) == sorted(names),
-                   f"discovered {', '.join(found['added'])}")
-        policies.create_policy(vault, "demo", crash_frequency=cfg.crash_frequency, rpo_threshold="1m",
-                               retention="4h", app_frequency=0)
+        checks.add(
+            "discovery", sorted(found["added"]) == sorted(names), f"discovered {', '.join(found['added'])}"
+        )
+        policies.create_policy(
+            vault,
+            "demo",
+            crash_frequency=cfg.crash_frequency,
+            rpo_threshold="1m",
+            retention="4h",
+            app_frequency=0,
+        )
 
         # 3. Workloads first: the initial replication runs while the guests write.
         for m_i, name in enumerate(names):
-            wl = Workload(daemons[name].nbd_socket, regions[name], root / "logs" / f"{name}.log",
-                          rate_bytes_s=cfg.rate_bytes_s, seed=1000 + m_i, machine_tag=name)
+            wl = Workload(
+                daemons[name].nbd_socket,
+                regions[name],
+                root / "logs" / f"{name}.log",
+                rate_bytes_s=cfg.rate_bytes_s,
+                seed=1000 + m_i,
+                machine_tag=name,
+            )
             wl.start()
             workloads[name] = wl
 
         # 4. Enable replication of every machine and follow the initial replication.
         enable_jobs = {}
         for name in names:
-            enable_jobs[name] = protection.enable_replication(vault, name, policy="demo",
-                                                              recovery_site="recovery")["job"]
+            enable_jobs[name] = protection.enable_replication(
+                vault, name, policy="demo", recovery_site="recovery"
+            )["job"]
         ensure_worker(vault)
         t_enable = time.monotonic()
         _follow(console, vault, "initial replication", lambda: _all_final(vault, enable_jobs), names)
@@ -168,17 +197,26 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
         for name, job_id in enable_jobs.items():
             info = jobs.show_job(vault, job_id)
             res = info["result"] or {}
-            checks.add(f"{name}: initial replication", info["state"] == "Succeeded",
-                       f"{info['state']} in {info['duration_s']}s, read {res.get('bytes_read', 0) / MIB:.0f} MiB, "
-                       f"sent {res.get('bytes_sent', 0) / MIB:.0f} MiB" + (f": {info['error']}" if info["error"]
-                                                                        else ""))
+            checks.add(
+                f"{name}: initial replication",
+                info["state"] == "Succeeded",
+                f"{info['state']} in {info['duration_s']}s, read {res.get('bytes_read', 0) / MIB:.0f} MiB, "
+                f"sent {res.get('bytes_sent', 0) / MIB:.0f} MiB"
+                + (f": {info['error']}" if info["error"] else ""),
+            )
         if not all(jobs.show_job(vault, j)["state"] == "Succeeded" for j in enable_jobs.values()):
             raise RuntimeError("initial replication failed; see the checks above")
 
         # 5. Steady state: sample RPO every second.
         rpo_samples: dict[str, list[float]] = {n: [] for n in names}
-        _follow(console, vault, f"continuous replication ({cfg.steady_seconds:.0f}s)",
-                _timer(cfg.steady_seconds), names, rpo_samples)
+        _follow(
+            console,
+            vault,
+            f"continuous replication ({cfg.steady_seconds:.0f}s)",
+            _timer(cfg.steady_seconds),
+            names,
+            rpo_samples,
+        )
 
         # 6. Test failover of each machine to its latest point, with replication still running.
         for name in names:
@@ -187,11 +225,16 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
             info = test_failover.start_test_failover(vault, name, "latest")
             final = jobs.wait_for(vault, info["job"])
             rto[name] = time.monotonic() - t0
-            if not checks.add(f"{name}: test failover", final["state"] == "Succeeded",
-                              f"{name}-test from {info['point_id']} ({info['point_type']}) in {rto[name]:.1f}s"
-                              + (f": {final['error']}" if final["error"] else "")):
+            if not checks.add(
+                f"{name}: test failover",
+                final["state"] == "Succeeded",
+                f"{name}-test from {info['point_id']} ({info['point_type']}) in {rto[name]:.1f}s"
+                + (f": {final['error']}" if final["error"] else ""),
+            ):
                 continue
-            _check_test_machine(vault, name, regions[name], images[name], workloads[name], daemons[name], checks)
+            _check_test_machine(
+                vault, name, regions[name], images[name], workloads[name], daemons[name], checks
+            )
             # Replication goes on during the drill: wait for one more point.
             deadline = time.time() + 3 * _seconds(cfg.crash_frequency) + 30
             newer: set[str] = set()
@@ -199,36 +242,55 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
                 newer = {p["id"] for p in protection.list_points(vault, name)} - before - {info["point_id"]}
                 rpo_samples[name].append(protection.status(vault, name)[0]["rpo_seconds"] or 0.0)
                 time.sleep(1)
-            checks.add(f"{name}: replication continues during the drill", bool(newer),
-                       f"{len(newer)} new point(s) while {name}-test ran")
+            checks.add(
+                f"{name}: replication continues during the drill",
+                bool(newer),
+                f"{len(newer)} new point(s) while {name}-test ran",
+            )
             tdir = Path(protection.status(vault, name)[0]["test_failover"]["dir"])
             cjob = test_failover.cleanup_test_failover(vault, name, notes="demo drill: data verified")["job"]
             cfinal = jobs.wait_for(vault, cjob)
             state = protection.status(vault, name)[0]["state"]
-            checks.add(f"{name}: cleanup", cfinal["state"] == "Succeeded" and not tdir.exists()
-                       and state == "Protected", f"job {cfinal['state']}, test machine removed: "
-                       f"{not tdir.exists()}, item state {state}")
+            checks.add(
+                f"{name}: cleanup",
+                cfinal["state"] == "Succeeded" and not tdir.exists() and state == "Protected",
+                f"job {cfinal['state']}, test machine removed: {not tdir.exists()}, item state {state}",
+            )
 
         # 7. Stop the guests, check the source disks themselves, and verify the datastore.
-        for name, wl in workloads.items():
+        for wl in workloads.values():
             wl.stop()
         for name in names:
             with nbd_reader(Path(daemons[name].nbd_socket), list(DISKS)) as reader:
-                res = verify_machine(reader, disk_specs(regions[name]), workloads[name].log_path,
-                                     {d: load_base(images[name][d]) for d in DISKS})
+                res = verify_machine(
+                    reader,
+                    disk_specs(regions[name]),
+                    workloads[name].log_path,
+                    {d: load_base(images[name][d]) for d in DISKS},
+                )
             checks.add(f"{name}: source disks intact", res.ok, res.detail)
-        report = vault.datastore.verify()
-        checks.add("datastore verify", report.ok,
-                   f"{report.points_checked} points, {report.chunks_checked} chunks, "
-                   f"{len(report.problems)} problem(s)")
+        report = run_verify(vault)
+        checks.add(
+            "datastore verify",
+            report.ok,
+            f"{report.points_checked} points, {report.chunks_checked} chunks, "
+            f"{len(report.problems)} problem(s)",
+        )
 
         all_rpo = [v for vals in rpo_samples.values() for v in vals]
-        rpo = {"p50": round(_percentile(all_rpo, 0.50), 2), "p95": round(_percentile(all_rpo, 0.95), 2),
-               "max": round(max(all_rpo), 2) if all_rpo else None, "samples": len(all_rpo)}
+        rpo = {
+            "p50": round(_percentile(all_rpo, 0.50), 2),
+            "p95": round(_percentile(all_rpo, 0.95), 2),
+            "max": round(max(all_rpo), 2) if all_rpo else None,
+            "samples": len(all_rpo),
+        }
         limit = 2 * _seconds(cfg.crash_frequency)
-        checks.add("RPO p95", bool(all_rpo) and rpo["p95"] <= limit,
-                   f"p95 {rpo['p95']}s (limit {limit:.0f}s with a {cfg.crash_frequency} crash-consistent "
-                   f"frequency), p50 {rpo['p50']}s, max {rpo['max']}s over {len(all_rpo)} samples")
+        checks.add(
+            "RPO p95",
+            bool(all_rpo) and rpo["p95"] <= limit,
+            f"p95 {rpo['p95']}s (limit {limit:.0f}s with a {cfg.crash_frequency} crash-consistent "
+            f"frequency), p50 {rpo['p50']}s, max {rpo['max']}s over {len(all_rpo)} samples",
+        )
         points = [p for n in names for p in protection.list_points(vault, n)]
         stats = vault.datastore.stats()
         result = {
@@ -247,8 +309,16 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
         return DemoResult(report=result, checks=checks.items)
     except Exception as err:
         checks.add("demo ran to the end", False, f"{type(err).__name__}: {err}")
-        return DemoResult(report={"machines": len(names), "rpo_seconds": {}, "checks": checks.items,
-                                  "bytes_replicated": 0, "bytes_stored": 0}, checks=checks.items)
+        return DemoResult(
+            report={
+                "machines": len(names),
+                "rpo_seconds": {},
+                "checks": checks.items,
+                "bytes_replicated": 0,
+                "bytes_stored": 0,
+            },
+            checks=checks.items,
+        )
     finally:
         for wl in workloads.values():
             with contextlib.suppress(Exception):
@@ -274,18 +344,28 @@ def _seconds(text: str) -> float:
     return parse_duration(text)
 
 
-def _check_test_machine(vault: Vault, name: str, regions: dict[str, tuple[int, int]],
-                        images: dict[str, Path], workload: Workload, source: MachineDaemon,
-                        checks: Checks) -> None:
+def _check_test_machine(
+    vault: Vault,
+    name: str,
+    regions: dict[str, tuple[int, int]],
+    images: dict[str, Path],
+    workload: Workload,
+    source: MachineDaemon,
+    checks: Checks,
+) -> None:
     """The recovered disks must equal base + a prefix of the workload log, across both disks."""
     tf = protection.status(vault, name)[0]["test_failover"]
     test_nbd = Path(MachineDaemon.attach(Path(tf["run_dir"])).nbd_socket)
     with nbd_reader(test_nbd, list(DISKS)) as reader:
-        res = verify_machine(reader, disk_specs(regions), workload.log_path,
-                             {d: load_base(images[d]) for d in DISKS})
+        res = verify_machine(
+            reader, disk_specs(regions), workload.log_path, {d: load_base(images[d]) for d in DISKS}
+        )
     lag = workload.stats().last_seq - res.max_seq
-    checks.add(f"{name}: recovered disks byte-exact and crash-consistent", res.ok and res.max_seq > 0,
-               f"{res.detail}; the point holds writes 1..{res.max_seq} of the log ({lag} written since)")
+    checks.add(
+        f"{name}: recovered disks byte-exact and crash-consistent",
+        res.ok and res.max_seq > 0,
+        f"{res.detail}; the point holds writes 1..{res.max_seq} of the log ({lag} written since)",
+    )
     # The test machine's disks are independent copies: a write to them must not reach the source.
     disk, offset, marker = DISKS[0], regions[DISKS[0]][1] - 65536, b"\xee" * 65536
     h = libnbd.NBD()
@@ -296,8 +376,11 @@ def _check_test_machine(vault: Vault, name: str, regions: dict[str, tuple[int, i
     h.shutdown()
     with nbd_reader(Path(source.nbd_socket), [disk]) as src:
         leaked = src.read(disk, offset, len(marker)) == marker
-    checks.add(f"{name}: test disks are independent copies", landed and not leaked,
-               f"a write to {name}-test/{disk} landed there ({landed}) and not on the source ({not leaked})")
+    checks.add(
+        f"{name}: test disks are independent copies",
+        landed and not leaked,
+        f"a write to {name}-test/{disk} landed there ({landed}) and not on the source ({not leaked})",
+    )
 
 
 def _all_final(vault: Vault, job_ids: dict[str, str]) -> bool:
@@ -309,9 +392,16 @@ def _timer(seconds: float) -> Callable[[], bool]:
     return lambda: time.monotonic() >= end
 
 
-def _follow(console: Console, vault: Vault, title: str, done: Callable[[], bool], names: list[str],
-            rpo_samples: dict[str, list[float]] | None = None) -> None:
+def _follow(
+    console: Console,
+    vault: Vault,
+    title: str,
+    done: Callable[[], bool],
+    names: list[str],
+    rpo_samples: dict[str, list[float]] | None = None,
+) -> None:
     """A live table of the items (state, progress, RPO, points) until ``done()``."""
+
     def render() -> Table:
         t = Table(title=title)
         for c in ("machine", "state", "health", "initial", "RPO", "points", "last point type"):
@@ -320,8 +410,15 @@ def _follow(console: Console, vault: Vault, title: str, done: Callable[[], bool]
             pts = protection.list_points(vault, st["name"])
             prog = st["initial_replication_progress"]
             rpo = st["rpo_seconds"]
-            t.add_row(st["name"], st["state"], st["health"], "-" if prog is None else f"{prog:.0%}",
-                      "-" if rpo is None else f"{rpo:.1f}s", str(len(pts)), pts[0]["type"] if pts else "-")
+            t.add_row(
+                st["name"],
+                st["state"],
+                st["health"],
+                "-" if prog is None else f"{prog:.0%}",
+                "-" if rpo is None else f"{rpo:.1f}s",
+                str(len(pts)),
+                pts[0]["type"] if pts else "-",
+            )
         return t
 
     with Live(render(), console=console, refresh_per_second=2) as live:

@@ -7,6 +7,7 @@ import dataclasses
 import typer
 from rich.progress import Progress
 
+from siterecovery.control.maintenance import run_gc
 from siterecovery.domain.durations import parse_duration
 from siterecovery.entrypoints.cli.context import get_vault
 from siterecovery.entrypoints.cli.render import console, emit_json, err_console, size
@@ -21,29 +22,41 @@ def verify(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
     vault = get_vault(ctx)
     with Progress(console=err_console, transient=True, disable=json_out) as progress:
         task = progress.add_task("verifying", total=None)
-        report = vault.datastore.verify(progress=lambda done, total: progress.update(task, completed=done,
-                                                                                    total=total))
+        report = vault.datastore.verify(
+            progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
     problems = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p) for p in report.problems]
-    data = {"ok": report.ok, "points_checked": report.points_checked, "chunks_checked": report.chunks_checked,
-            "bytes_checked": report.bytes_checked, "problems": problems}
+    data = {
+        "ok": report.ok,
+        "points_checked": report.points_checked,
+        "chunks_checked": report.chunks_checked,
+        "bytes_checked": report.bytes_checked,
+        "problems": problems,
+    }
     if json_out:
         emit_json(data)
     else:
         for p in problems:
             console.print(f"[red]problem[/red] {p}")
-        console.print(f"{'OK' if report.ok else 'FAILED'}: {report.points_checked} points, "
-                      f"{report.chunks_checked} chunks, {size(report.bytes_checked)} checked, "
-                      f"{len(problems)} problem(s)")
+        console.print(
+            f"{'OK' if report.ok else 'FAILED'}: {report.points_checked} points, "
+            f"{report.chunks_checked} chunks, {size(report.bytes_checked)} checked, "
+            f"{len(problems)} problem(s)"
+        )
     if not report.ok:
-        raise DatastoreError(f"datastore verification found {len(problems)} problem(s); the first: "
-                             f"{problems[0]}")
+        raise DatastoreError(
+            f"datastore verification found {len(problems)} problem(s); the first: {problems[0]}"
+        )
 
 
 @app.command("gc")
-def gc(ctx: typer.Context, grace: str = typer.Option("6h", help="Spare chunks younger than this."),
-       json_out: bool = typer.Option(False, "--json")) -> None:
+def gc(
+    ctx: typer.Context,
+    grace: str = typer.Option("6h", help="Spare chunks younger than this."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Remove chunks no retained recovery point refers to (mark and sweep with a grace period)."""
-    stats = get_vault(ctx).datastore.gc(parse_duration(grace))
+    stats = run_gc(get_vault(ctx), parse_duration(grace))
     data = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
     if json_out:
         emit_json(data)

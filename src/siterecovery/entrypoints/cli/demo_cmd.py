@@ -25,8 +25,15 @@ def demo(
     mib = 1024 * 1024
     if data_mib >= disk_size_mib:
         raise typer.BadParameter(f"--data-mib ({data_mib}) must be below --disk-size-mib ({disk_size_mib}).")
-    cfg = DemoConfig(machines=machines, disk_size=disk_size_mib * mib, data_bytes=data_mib * mib,
-                     crash_frequency=crash_frequency, steady_seconds=steady, workdir=workdir, keep=keep)
+    cfg = DemoConfig(
+        machines=machines,
+        disk_size=disk_size_mib * mib,
+        data_bytes=data_mib * mib,
+        crash_frequency=crash_frequency,
+        steady_seconds=steady,
+        workdir=workdir,
+        keep=keep,
+    )
     result = run_demo(cfg, console)
     if report is not None:
         write_report(report, result)

@@ -12,13 +12,29 @@ app = typer.Typer(help="Jobs (durable operations with steps).", no_args_is_help=
 
 
 @app.command("list")
-def list_(ctx: typer.Context, target: str = typer.Option(None, help="Only jobs on this item."),
-          limit: int = typer.Option(50), json_out: bool = typer.Option(False, "--json")) -> None:
+def list_(
+    ctx: typer.Context,
+    target: str = typer.Option(None, help="Only jobs on this item."),
+    limit: int = typer.Option(50),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Recent jobs, newest first."""
-    listing(jobs.list_jobs(get_vault(ctx), target=target, limit=limit), json_out, "Jobs",
-            ["id", "kind", "target", "state", "progress", "started", "duration", "error"],
-            lambda d: [d["id"], d["kind"], d["target"], d["state"], f"{d['progress']:.0%}", when(d["started_at"]),
-                       f"{d['duration_s']:.1f}s" if d["duration_s"] is not None else "-", d["error"] or ""])
+    listing(
+        jobs.list_jobs(get_vault(ctx), target=target, limit=limit),
+        json_out,
+        "Jobs",
+        ["id", "kind", "target", "state", "progress", "started", "duration", "error"],
+        lambda d: [
+            d["id"],
+            d["kind"],
+            d["target"],
+            d["state"],
+            f"{d['progress']:.0%}",
+            when(d["started_at"]),
+            f"{d['duration_s']:.1f}s" if d["duration_s"] is not None else "-",
+            d["error"] or "",
+        ],
+    )
 
 
 @app.command("show")
@@ -31,9 +47,14 @@ def show(ctx: typer.Context, job_id: str, json_out: bool = typer.Option(False, "
     console.print(f"job {d['id']}: {d['kind']} {d['target']} - {d['state']} ({d['progress']:.0%})")
     if d["error"]:
         console.print(f"[red]error:[/red] {d['error']}")
-    table(None, ["step", "state", "started", "ended", "detail"],
-          ([s["name"], s["state"], when(s["started_at"]), when(s["ended_at"]), s["detail"] or ""]
-           for s in d["steps"]))
+    table(
+        None,
+        ["step", "state", "started", "ended", "detail"],
+        (
+            [s["name"], s["state"], when(s["started_at"]), when(s["ended_at"]), s["detail"] or ""]
+            for s in d["steps"]
+        ),
+    )
     if d["result"]:
         for k, v in d["result"].items():
             console.print(f"  {k}: {v}")

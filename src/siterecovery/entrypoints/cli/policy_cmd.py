@@ -9,8 +9,9 @@ from siterecovery.domain import policy as rules
 from siterecovery.entrypoints.cli.context import get_vault
 from siterecovery.entrypoints.cli.render import console, emit_json, listing
 
-app = typer.Typer(help="Replication policies (creating one also creates its '-failback' twin).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Replication policies (creating one also creates its '-failback' twin).", no_args_is_help=True
+)
 
 RPO = typer.Option(None, "--rpo-threshold", help="Alert when RPO exceeds this (e.g. 15m; 5s to 24h).")
 RET = typer.Option(None, "--retention", help="How long recovery points are kept (1h to 15d).")
@@ -19,31 +20,69 @@ APP = typer.Option(None, "--app-frequency", help="App-consistent point frequency
 
 
 def _row(d: dict) -> list:
-    return [d["name"], d["rpo_threshold"], d["retention"], d["crash_consistent_frequency"],
-            d["app_consistent_frequency"], d["failback_twin_of"] or "", d["items"]]
+    return [
+        d["name"],
+        d["rpo_threshold"],
+        d["retention"],
+        d["crash_consistent_frequency"],
+        d["app_consistent_frequency"],
+        d["failback_twin_of"] or "",
+        d["items"],
+    ]
 
 
-COLUMNS = ["name", "RPO threshold", "retention", "crash-consistent", "app-consistent", "failback twin of",
-           "items"]
+COLUMNS = [
+    "name",
+    "RPO threshold",
+    "retention",
+    "crash-consistent",
+    "app-consistent",
+    "failback twin of",
+    "items",
+]
 
 
 @app.command("create")
-def create(ctx: typer.Context, name: str, rpo_threshold: str = RPO, retention: str = RET,
-           crash_frequency: str = CRASH, app_frequency: str = APP,
-           json_out: bool = typer.Option(False, "--json")) -> None:
+def create(
+    ctx: typer.Context,
+    name: str,
+    rpo_threshold: str = RPO,
+    retention: str = RET,
+    crash_frequency: str = CRASH,
+    app_frequency: str = APP,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Create a policy and its failback twin."""
-    made = policies.create_policy(get_vault(ctx), name, rpo_threshold=rpo_threshold, retention=retention,
-                                  crash_frequency=crash_frequency, app_frequency=app_frequency)
+    made = policies.create_policy(
+        get_vault(ctx),
+        name,
+        rpo_threshold=rpo_threshold,
+        retention=retention,
+        crash_frequency=crash_frequency,
+        app_frequency=app_frequency,
+    )
     listing(made, json_out, "Policies created", COLUMNS, _row)
 
 
 @app.command("update")
-def update(ctx: typer.Context, name: str, rpo_threshold: str = RPO, retention: str = RET,
-           crash_frequency: str = CRASH, app_frequency: str = APP,
-           json_out: bool = typer.Option(False, "--json")) -> None:
+def update(
+    ctx: typer.Context,
+    name: str,
+    rpo_threshold: str = RPO,
+    retention: str = RET,
+    crash_frequency: str = CRASH,
+    app_frequency: str = APP,
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Change a policy; every item that uses it follows from its next cycle."""
-    d = policies.update_policy(get_vault(ctx), name, rpo_threshold=rpo_threshold, retention=retention,
-                               crash_frequency=crash_frequency, app_frequency=app_frequency)
+    d = policies.update_policy(
+        get_vault(ctx),
+        name,
+        rpo_threshold=rpo_threshold,
+        retention=retention,
+        crash_frequency=crash_frequency,
+        app_frequency=app_frequency,
+    )
     if json_out:
         emit_json(d)
     else:

@@ -47,8 +47,13 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     console.print(t)
 
 
-def listing(data: list[dict[str, Any]], as_json: bool, title: str, columns: Sequence[str],
-            row: Callable[[dict[str, Any]], Sequence[Any]]) -> None:
+def listing(
+    data: list[dict[str, Any]],
+    as_json: bool,
+    title: str,
+    columns: Sequence[str],
+    row: Callable[[dict[str, Any]], Sequence[Any]],
+) -> None:
     if as_json:
         emit_json(data)
     elif not data:
@@ -63,14 +68,25 @@ def follow_job(vault: Any, job_id: str, *, quiet: bool = False) -> dict[str, Any
 
     if quiet:
         return wait_for(vault, job_id)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[detail]}"), console=err_console, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=err_console,
+        transient=False,
+    ) as progress:
         task = progress.add_task(job_id, total=1.0, detail="")
 
         def update(info: dict[str, Any]) -> None:
             step = next((s["name"] for s in info["steps"] if s["state"] == "Running"), info["state"])
-            progress.update(task, completed=info["progress"], description=f"{info['kind']} {info['target']}",
-                            detail=f"{step}: {info['detail'] or ''}")
+            progress.update(
+                task,
+                completed=info["progress"],
+                description=f"{info['kind']} {info['target']}",
+                detail=f"{step}: {info['detail'] or ''}",
+            )
 
         final = wait_for(vault, job_id, update)
         time.sleep(0.05)

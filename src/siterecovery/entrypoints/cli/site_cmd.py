@@ -15,12 +15,15 @@ machines = typer.Typer(help="Discovered machines.", no_args_is_help=True)
 
 
 @app.command("add")
-def add(ctx: typer.Context, name: str,
-        kind: str = typer.Option(..., help="qemu (QMP + dirty bitmaps) or raw (image files, block devices)."),
-        role: str = typer.Option(..., help="primary or recovery."),
-        inventory: Path = typer.Option(None, help="TOML inventory of the site's machines (primary sites)."),
-        path: Path = typer.Option(None, help="Directory for recovered machines (recovery sites)."),
-        json_out: bool = typer.Option(False, "--json")) -> None:
+def add(
+    ctx: typer.Context,
+    name: str,
+    kind: str = typer.Option(..., help="qemu (QMP + dirty bitmaps) or raw (image files, block devices)."),
+    role: str = typer.Option(..., help="primary or recovery."),
+    inventory: Path = typer.Option(None, help="TOML inventory of the site's machines (primary sites)."),
+    path: Path = typer.Option(None, help="Directory for recovered machines (recovery sites)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Add a site."""
     info = sites.add_site(get_vault(ctx), name, kind, role, inventory, path)
     if json_out:
@@ -32,10 +35,20 @@ def add(ctx: typer.Context, name: str,
 @app.command("list")
 def list_(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -> None:
     """List sites."""
-    listing(sites.list_sites(get_vault(ctx)), json_out, "Sites",
-            ["name", "role", "kind", "machines", "inventory / path", "discovered"],
-            lambda d: [d["name"], d["role"], d["kind"], d["machines"], d["inventory"] or d["path"],
-                       when(d["discovered_at"])])
+    listing(
+        sites.list_sites(get_vault(ctx)),
+        json_out,
+        "Sites",
+        ["name", "role", "kind", "machines", "inventory / path", "discovered"],
+        lambda d: [
+            d["name"],
+            d["role"],
+            d["kind"],
+            d["machines"],
+            d["inventory"] or d["path"],
+            when(d["discovered_at"]),
+        ],
+    )
 
 
 @app.command("discover")
@@ -48,15 +61,32 @@ def discover(ctx: typer.Context, name: str, json_out: bool = typer.Option(False,
     for key in ("added", "changed", "removed"):
         for m in report[key]:
             console.print(f"  {key:8} {m}")
-    console.print(f"site {name}: {len(report['added'])} added, {len(report['changed'])} changed, "
-                  f"{len(report['removed'])} removed, {len(report['unchanged'])} unchanged")
+    console.print(
+        f"site {name}: {len(report['added'])} added, {len(report['changed'])} changed, "
+        f"{len(report['removed'])} removed, {len(report['unchanged'])} unchanged"
+    )
 
 
 @machines.command("list")
-def machine_list(ctx: typer.Context, site: str = typer.Option(None, help="Only this site."),
-                 json_out: bool = typer.Option(False, "--json")) -> None:
+def machine_list(
+    ctx: typer.Context,
+    site: str = typer.Option(None, help="Only this site."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """List discovered machines."""
-    listing(sites.list_machines(get_vault(ctx), site), json_out, "Machines",
-            ["name", "site", "present", "cpus", "memory", "disks", "nics", "hooks"],
-            lambda d: [d["name"], d["site"], d["present"], d["cpus"], f"{d['memory_mib']} MiB",
-                       ", ".join(d["disks"]), "; ".join(d["nics"]), d["hooks"]])
+    listing(
+        sites.list_machines(get_vault(ctx), site),
+        json_out,
+        "Machines",
+        ["name", "site", "present", "cpus", "memory", "disks", "nics", "hooks"],
+        lambda d: [
+            d["name"],
+            d["site"],
+            d["present"],
+            d["cpus"],
+            f"{d['memory_mib']} MiB",
+            ", ".join(d["disks"]),
+            "; ".join(d["nics"]),
+            d["hooks"],
+        ],
+    )

@@ -8,8 +8,9 @@ from siterecovery.control import worker as w
 from siterecovery.entrypoints.cli.context import get_vault
 from siterecovery.entrypoints.cli.render import console, emit_json
 
-app = typer.Typer(help="The background worker that runs jobs and the replication schedule.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The background worker that runs jobs and the replication schedule.", no_args_is_help=True
+)
 
 
 @app.command("start")
