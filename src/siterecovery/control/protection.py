@@ -38,10 +38,15 @@ def find_machine(session: Any, name: str, site: str | None) -> MachineRow:
         q = q.where(SiteRow.name == site)
     rows = list(session.scalars(q))
     if not rows:
+        known_q = select(MachineRow.name).join(SiteRow).where(SiteRow.role == "primary", MachineRow.present)
+        if site:
+            known_q = known_q.where(SiteRow.name == site)
+        known = ", ".join(session.scalars(known_q.distinct().order_by(MachineRow.name))) or "none yet"
         raise NotFound(
             kind="machine",
             name=name,
-            hint=" Run 'siterecovery site discover SITE' and 'siterecovery machine list'.",
+            hint=f" Known machines: {known}. If it was added to an inventory since, run "
+            "'siterecovery site discover SITE'.",
         )
     if len(rows) > 1:
         raise InvalidInput(
@@ -138,6 +143,9 @@ def run_enable(ctx: JobContext) -> None:
             # Reach the machine and check its disks before anything is replicated.
             source = source_for(kind, spec, work_dir_for(ctx.vault, name))
             try:
+                cleanup_stale = getattr(source, "cleanup_stale", None)
+                if cleanup_stale is not None:
+                    cleanup_stale()
                 with source.snapshot(disks) as snap:
                     total = sum(snap.disks[d].size for d in disks)
                     snap.abort()

@@ -19,9 +19,11 @@ killed worker resumes where it was instead of starting from zero.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
-import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -60,19 +62,42 @@ def new_point_id(t: float) -> str:
 
 
 def run_hook(command: str | None, timeout: float, what: str) -> str | None:
-    """Run a freeze/thaw hook; return None on success, else why it failed."""
+    """Run a freeze/thaw hook with ``/bin/sh -c`` (the inventory's contract); return None on
+    success, else why it failed.
+
+    The hook runs in its own process group and the whole group is killed at the timeout: a
+    shell's children (``sleep``, a database client) would otherwise keep the output pipes open
+    and hold the cycle, and the machine, frozen far beyond the timeout.
+    """
     if not command:
         return f"no {what} hook is configured"
     try:
-        proc = subprocess.run(
-            shlex.split(command), capture_output=True, text=True, timeout=timeout, check=False
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        return f"{what} hook {command!r} did not finish within {timeout:g}s"
     except OSError as err:
         return f"{what} hook {command!r} could not run: {err}"
+    try:
+        out, err_text = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            # A child that left the group still holds the pipes: stop waiting for it.
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            proc.wait()
+        return f"{what} hook {command!r} did not finish within {timeout:g}s and was killed"
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        tail = (err_text or out).strip().splitlines()[-1:] or [""]
         return f"{what} hook {command!r} exited with status {proc.returncode}: {tail[0]}"
     return None
 
@@ -169,12 +194,24 @@ def _cycle(
             frozen = True
         else:
             warning = f"app-consistent point fell back to crash-consistent: {failure}"
+            if hooks.get("freeze") and hooks.get("thaw"):
+                # A freeze hook that failed or timed out may have frozen part of the application.
+                thaw_failure = run_hook(hooks.get("thaw"), timeout, "thaw")
+                if thaw_failure:
+                    warning += f"; {thaw_failure}"
 
     source = source_for(kind, spec, vault.work_dir / item_name)
     datastore = vault.datastore
     agent = embedded_agent(datastore)
     total_stats = DiskStats()
     try:
+        # Only this worker snapshots the machine and the item lock is held, so any snapshot
+        # state left in the machine is from a replicator that died: release it first.
+        cleanup_stale = getattr(source, "cleanup_stale", None)
+        if cleanup_stale is not None:
+            removed = cleanup_stale()
+            if removed:
+                log.warning("%s: removed snapshot state left by a dead replicator: %s", item_name, removed)
         try:
             snap = source.snapshot(disks)
         finally:

@@ -73,6 +73,15 @@ def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> di
         }
 
 
+def _site_full(where: Path | str, detail: str) -> StorageFull:
+    return StorageFull(
+        f"no space left on the recovery site at {where}: {detail}. Free space there or give the "
+        "recovery site a path with more room; the recovery points are intact.",
+        where=str(where),
+        detail=detail,
+    )
+
+
 def test_machine_dir(site_path: str, name: str) -> Path:
     return Path(site_path) / "machines" / f"{name}-test"
 
@@ -104,9 +113,7 @@ def run_test_failover(ctx: JobContext) -> None:
                 tdir.parent.mkdir(parents=True, exist_ok=True)
                 free = shutil.disk_usage(tdir.parent).free
                 if free < need:
-                    raise StorageFull(
-                        where=str(tdir.parent), detail=f"{free} bytes free, the test machine needs {need}"
-                    )
+                    raise _site_full(tdir.parent, f"{free} bytes free, the test machine needs {need}")
                 ctx.progress(0.05, f"recovering {point_info['id']} ({point_info['type']})", force=True)
 
         disk_paths = {n: str(tdir / f"{n}.{fmt}") for n in refs}
@@ -118,7 +125,14 @@ def run_test_failover(ctx: JobContext) -> None:
                         n: pool.submit(materialize_disk, ctx.vault.datastore, r, Path(disk_paths[n]), fmt)
                         for n, r in refs.items()
                     }
-                    written = {n: f.result() for n, f in futs.items()}
+                    try:
+                        written = {n: f.result() for n, f in futs.items()}
+                    except StorageFull as err:
+                        # Sparse images need room for data only, but writing qcow2 needs more
+                        # for a while than the check above could know.
+                        raise _site_full(
+                            err.fields.get("where", tdir), err.fields.get("detail", str(err))
+                        ) from err
                 machine = {
                     "name": f"{name}-test",
                     "source_machine": spec["name"],

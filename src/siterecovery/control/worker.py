@@ -8,7 +8,9 @@ worker that died; those resume from their last finished step (see ``control.jobs
 Schedule: every item that replicates (Protected, and during a test failover) gets a
 crash-consistent point every ``crash_interval`` of its policy, and an app-consistent one every
 ``app_interval``; a failed cycle is retried at the next interval and counted for health. Policy
-changes apply at the next cycle because the policy is read each time.
+changes apply at the next cycle because the policy is read each time. An initial replication
+whose attempt failed is queued again (a new enable job that resumes from the item's checkpoint)
+after a delay that doubles with each failure, up to 10 minutes.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from siterecovery.adapters.db.models import ItemRow
+from siterecovery.adapters.db.models import ItemRow, JobRow
 from siterecovery.control import jobs
 from siterecovery.control.maintenance import run_gc
+from siterecovery.control.protection import ENABLE_STEPS
 from siterecovery.control.replication import record_failure, take_point
 from siterecovery.domain.states import ItemState
 from siterecovery.errors import VaultError
@@ -43,6 +46,7 @@ REPLICATING = (
 )
 GC_EVERY_S = 3600.0
 GC_GRACE_S = 6 * 3600.0
+INITIAL_RETRY_MAX_S = 600.0
 
 
 class Worker:
@@ -85,6 +89,7 @@ class Worker:
                 self._reap()
                 self._start_jobs()
                 self._schedule_cycles()
+                self._retry_initial_replication()
                 if time.monotonic() - last_gc > GC_EVERY_S:
                     self._start("gc", self._gc)
                     last_gc = time.monotonic()
@@ -144,6 +149,37 @@ class Worker:
             if app:
                 self._next_app_try[name] = now + min(app_s, 600.0)
             self._start(key, self._cycle, name, app)
+
+    def _retry_initial_replication(self) -> None:
+        """Queue the initial replication again for items whose enable job failed in it.
+
+        Initial replication does not fail as a whole (see ``domain.states``): a failed attempt
+        (source unreachable, datastore full) is retried, resuming from the item's checkpoint,
+        after a delay that doubles with each failure up to ``INITIAL_RETRY_MAX_S``.
+        """
+        now = time.time()
+        with self.vault.store.uow() as s:
+            for item in s.scalars(
+                select(ItemRow).where(
+                    ItemRow.state == ItemState.INITIAL_REPLICATION.value, ItemRow.consecutive_failures > 0
+                )
+            ):
+                active = s.scalar(
+                    select(JobRow.id).where(
+                        JobRow.item_id == item.id,
+                        JobRow.state.in_((jobs.QUEUED, jobs.RUNNING, jobs.WAITING)),
+                    )
+                )
+                if active is not None:
+                    continue
+                first = min(item.policy.crash_interval_s, 30.0)
+                delay = min(INITIAL_RETRY_MAX_S, first * 2 ** min(item.consecutive_failures - 1, 10))
+                if now < (item.last_attempt_at or 0) + delay:
+                    continue
+                job = jobs.new_job(
+                    s, "enable-replication", item.name, ENABLE_STEPS, item_id=item.id, params={"retry": True}
+                )
+                log.info("%s: initial replication queued again as job %s", item.name, job.id)
 
     def _cycle(self, name: str, app: bool) -> None:
         try:

@@ -98,9 +98,15 @@ def _workdir(cfg: DemoConfig) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def run_demo(cfg: DemoConfig, console: Console) -> DemoResult:
+def run_demo(cfg: DemoConfig, console: Console, report: Path | None = None) -> DemoResult:
     with _workdir(cfg) as root:
-        return _run(cfg, root, console)
+        result = _run(cfg, root, console)
+        if report is not None:
+            write_report(report, result)
+            console.print(f"report written to {report}")
+        if cfg.workdir is None and not cfg.keep:
+            console.print("removing the demo's temporary files")
+        return result
 
 
 def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
 
 from siterecovery.control.maintenance import run_gc
@@ -37,7 +38,7 @@ def verify(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         emit_json(data)
     else:
         for p in problems:
-            console.print(f"[red]problem[/red] {p}")
+            console.print(f"[red]problem[/red] {escape(_describe(p))}")
         console.print(
             f"{'OK' if report.ok else 'FAILED'}: {report.points_checked} points, "
             f"{report.chunks_checked} chunks, {size(report.bytes_checked)} checked, "
@@ -45,8 +46,20 @@ def verify(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         )
     if not report.ok:
         raise DatastoreError(
-            f"datastore verification found {len(problems)} problem(s); the first: {problems[0]}"
+            f"datastore verification found {len(problems)} problem(s); the first: "
+            f"{_describe(problems[0])}. Points with problems cannot be fully recovered; "
+            "'siterecovery datastore verify --json' lists them all."
         )
+
+
+def _describe(p: dict) -> str:
+    where = f"point {p['point_id']}"
+    if p["disk"]:
+        where += f" disk {p['disk']}"
+    if p["offset"] is not None:
+        where += f" offset {p['offset']}"
+    chunk = f" chunk {p['chunk_id']}" if p["chunk_id"] else ""
+    return f"{where}:{chunk} {p['reason']}"
 
 
 @app.command("gc")

@@ -20,7 +20,7 @@ def demo(
     keep: bool = typer.Option(False, help="Keep the temporary directory."),
 ) -> None:
     """Run the demo and check every step; exits non-zero if any check fails."""
-    from siterecovery.demo.run import DemoConfig, run_demo, write_report
+    from siterecovery.demo.run import DemoConfig, run_demo
 
     mib = 1024 * 1024
     if data_mib >= disk_size_mib:
@@ -34,10 +34,7 @@ def demo(
         workdir=workdir,
         keep=keep,
     )
-    result = run_demo(cfg, console)
-    if report is not None:
-        write_report(report, result)
-        console.print(f"report written to {report}")
+    result = run_demo(cfg, console, report)
     failed = [c["name"] for c in result.checks if not c["passed"]]
     if failed:
         console.print(f"[red]{len(failed)} check(s) failed:[/red] {', '.join(failed)}")

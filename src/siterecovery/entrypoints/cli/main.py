@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from siterecovery.control import handlers  # noqa: F401  (registers job handlers)
 from siterecovery.entrypoints.cli import (
@@ -54,7 +55,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SiteRecoveryError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        # Escaped: messages quote user input and TOML ("[[machine.disk]]") that Rich would take
+        # as markup. Not wrapped: scripts grep these lines, and a path must not break in two.
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         sys.exit(err.exit_code)
     except typer.Abort:
         err_console.print("aborted")
