@@ -94,6 +94,7 @@ def test_test_failover_to_a_full_recovery_site_fails_and_leaves_nothing(
     assert job["state"] == "Failed"
     assert "no space" in job["error"].lower()
     assert str(site) in job["error"]
+    assert "recovery site" in job["error"] and "datastore" not in job["error"]  # the advice fits
     failed = [s["name"] for s in job["steps"] if s["state"] == "Failed"]
     assert failed == [failing_step]
 
@@ -155,6 +156,7 @@ def test_initial_replication_into_a_full_datastore_fails_cleanly(tmpfs, lab_fact
         stop_worker(lab.vault, timeout=20)
     item = lab.item("vm1")
     assert item["state"] == "Protected", item
+    assert item["health"] == "Normal", item["health_reasons"]
     retry = [j for j in jobs.list_jobs(lab.vault, target="vm1") if j["params"].get("retry")]
     assert retry and retry[0]["state"] == "Succeeded", retry
     assert len(ds.list_manifests()) >= 1 and ds.verify().ok

@@ -183,3 +183,15 @@ def test_index_metadata_of_a_point_grows_with_the_change(lab_factory):
     # One data chunk plus a handful of index pages; nothing proportional to the 1 GiB of disks.
     assert grown - r.stats.bytes_stored < 64 * 1024
     assert lab.vault.datastore.read_manifest(r.point_id).disks["disk0"].size == 512 * MIB
+
+
+def test_excluded_disk_is_not_replicated(lab_factory):
+    lab = lab_factory(size=64 * MIB, data=8 * MIB)
+    job = lab.enable("vm1", exclude_disks=["disk1"])
+    assert job["state"] == "Succeeded", job["error"]
+    st = lab.item("vm1")
+    assert st["disks"] == ["disk0"] and st["excluded_disks"] == ["disk1"]
+    manifest = lab.vault.datastore.read_manifest(job["result"]["initial_point"])
+    assert list(manifest.disks) == ["disk0"]
+    r = take_point(lab.vault, "vm1")
+    assert list(lab.vault.datastore.read_manifest(r.point_id).disks) == ["disk0"]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -114,6 +115,7 @@ class JobContext:
 
     vault: Any
     job_id: str
+    cancel: threading.Event = field(default_factory=threading.Event)  # set when the worker stops
     _last_progress_write: float = 0.0
 
     def params(self) -> dict[str, Any]:
@@ -145,6 +147,11 @@ class JobContext:
         self._set_step(name, state=RUNNING, started_at=time.time(), ended_at=None, detail=None)
         try:
             yield True
+        except InterruptedError:
+            self._set_step(
+                name, state="Interrupted", ended_at=time.time(), detail="resumes at the next start"
+            )
+            raise
         except BaseException as err:
             self._set_step(name, state=FAILED, ended_at=time.time(), detail=str(err) or type(err).__name__)
             raise
@@ -211,13 +218,21 @@ def finish(vault: Any, job_id: str, error: BaseException | None) -> None:
             job.error = str(error) or type(error).__name__
 
 
-def run_job(vault: Any, job_id: str) -> None:
-    """Run a claimed job to its end; failures are recorded on the job, never raised."""
+def run_job(vault: Any, job_id: str, cancel: threading.Event | None = None) -> None:
+    """Run a claimed job to its end; failures are recorded on the job, never raised.
+
+    When ``cancel`` is set (the worker is stopping) and the handler gives up because of it, the
+    job stays Running: the next worker start resumes it from its last finished step.
+    """
     with vault.store.uow() as s:
         kind = get_job(s, job_id).kind
-    ctx = JobContext(vault=vault, job_id=job_id)
+    ctx = JobContext(vault=vault, job_id=job_id, cancel=cancel or threading.Event())
     try:
         HANDLERS[kind](ctx)
+    except InterruptedError:
+        if ctx.cancel.is_set():
+            return
+        raise
     except Exception as err:  # every failure ends up on the job row for the user to read
         finish(vault, job_id, err)
         return

@@ -161,7 +161,9 @@ def run_enable(ctx: JobContext) -> None:
                 _set_progress(ctx, name, done, total)
 
             try:
-                result = take_point(ctx.vault, name, initial=True, progress=progress)
+                result = take_point(ctx.vault, name, initial=True, progress=progress, cancel=ctx.cancel)
+            except InterruptedError:
+                raise
             except Exception as err:
                 record_failure(ctx.vault, name, err)
                 raise

@@ -158,7 +158,10 @@ def run_test_failover(ctx: JobContext) -> None:
                 if site_kind == "qemu":
                     from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
 
-                    daemon = MachineDaemon.start(tdir / "run", {n: Path(p) for n, p in disk_paths.items()})
+                    # A step interrupted after the start finds its machine running: reuse it.
+                    daemon = _running_daemon(tdir / "run") or MachineDaemon.start(
+                        tdir / "run", {n: Path(p) for n, p in disk_paths.items()}
+                    )
                     run_dir = str(tdir / "run")
                     ctx.set_result(pid=daemon.pid, nbd_socket=daemon.nbd_socket)
                 with ctx.vault.store.uow() as s:
@@ -184,6 +187,18 @@ def run_test_failover(ctx: JobContext) -> None:
             item.state = params.get("previous_state", ItemState.PROTECTED.value)
             item.test_failover = None
         raise
+
+
+def _running_daemon(run_dir: Path) -> Any:
+    from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
+
+    if not (run_dir / "daemon.json").exists():
+        return None
+    try:
+        daemon = MachineDaemon.attach(run_dir)
+    except Exception:  # a stale record of a daemon that is gone: start a new one
+        return None
+    return daemon if daemon.is_running() else None
 
 
 def _remove_test_machine(tdir: Path) -> None:

@@ -119,7 +119,7 @@ class Worker:
                 continue
             if jobs.claim(self.vault, job_id):
                 log.info("running job %s", job_id)
-                self._start(key, jobs.run_job, self.vault, job_id)
+                self._start(key, jobs.run_job, self.vault, job_id, self.stop)
 
     def _schedule_cycles(self) -> None:
         now = time.time()
@@ -183,7 +183,7 @@ class Worker:
 
     def _cycle(self, name: str, app: bool) -> None:
         try:
-            r = take_point(self.vault, name, app=app)
+            r = take_point(self.vault, name, app=app, cancel=self.stop)
             log.info(
                 "%s: point %s (%s, %s) sent %d bytes in %.2fs%s",
                 name,
@@ -194,6 +194,8 @@ class Worker:
                 r.duration_s,
                 f" warning: {r.warning}" if r.warning else "",
             )
+        except InterruptedError:
+            log.info("%s: cycle interrupted by shutdown; its changes stay tracked", name)
         except Exception as err:  # recorded on the item; health shows it
             log.warning("%s: replication cycle failed: %s", name, err)
             record_failure(self.vault, name, err)

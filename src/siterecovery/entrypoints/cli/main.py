@@ -67,10 +67,10 @@ def main() -> None:
         if code is None:
             code = getattr(err, "code", 0)
         sys.exit(code or 0)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except typer.TyperException as err:  # usage errors (Typer's own click raises these)
+        show = getattr(err, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"error: {escape(str(err))}", soft_wrap=True)
+        sys.exit(err.exit_code)
