@@ -13,6 +13,10 @@ Consistency labels are never better than the truth:
 * a live read (raw files) is ``fuzzy`` unless the freeze hook held the writers quiesced for the
   whole read, in which case it is ``app-consistent``.
 
+Hooks run with ``/bin/sh -c`` and a timeout (``hooks.timeout_s``). A freeze hook that fails or
+times out is followed by the thaw hook at once (it may have frozen part of the application),
+and the point gets the label the snapshot alone earns, with a warning on the item.
+
 The initial replication is the first cycle; it checkpoints its progress to the item so that a
 killed worker resumes where it was instead of starting from zero.
 """
@@ -65,9 +69,9 @@ def run_hook(command: str | None, timeout: float, what: str) -> str | None:
     """Run a freeze/thaw hook with ``/bin/sh -c`` (the inventory's contract); return None on
     success, else why it failed.
 
-    The hook runs in its own process group and the whole group is killed at the timeout: a
-    shell's children (``sleep``, a database client) would otherwise keep the output pipes open
-    and hold the cycle, and the machine, frozen far beyond the timeout.
+    The hook runs in its own process group and the whole group is killed at the timeout: killing
+    only the shell would leave its children (a ``sleep``, a database client) running on, still
+    acting on the application after the cycle gave up on them.
     """
     if not command:
         return f"no {what} hook is configured"

@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,7 +38,7 @@ from siterecovery.dataplane.chunk_codec import CHUNK_SIZE, ZERO_ID, ChunkCodec, 
 from siterecovery.dataplane.datastore import Datastore
 from siterecovery.dataplane.index import IndexRef, IndexWriter
 from siterecovery.dataplane.process_server import ProcessServer
-from siterecovery.ports.source import DiskView, Extent
+from siterecovery.ports.source import DiskView, Extent, coalesce, split
 
 READ_BLOCK = 4 * 1024 * 1024  # bytes per read request (64 chunks)
 MAX_IN_FLIGHT = 8  # read blocks queued in the pool: bounds memory to ~32 MiB per disk
@@ -75,20 +75,7 @@ CheckpointFn = Callable[[IndexRef, int], None]  # (checkpointed index, offset it
 
 def align_extents(extents: list[Extent], size: int) -> list[Extent]:
     """Widen extents to chunk boundaries, clip them to the disk, sort and merge them."""
-    spans: list[tuple[int, int]] = []
-    for ext in extents:
-        start = (ext.offset // CHUNK_SIZE) * CHUNK_SIZE
-        end = min(size, -(-ext.end // CHUNK_SIZE) * CHUNK_SIZE)
-        if end > start:
-            spans.append((start, end))
-    spans.sort()
-    merged: list[tuple[int, int]] = []
-    for start, end in spans:
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return [Extent(s, e - s) for s, e in merged]
+    return coalesce(extents, CHUNK_SIZE, size)
 
 
 def clip_extents(extents: list[Extent], lo: int, hi: int) -> list[Extent]:
@@ -98,15 +85,6 @@ def clip_extents(extents: list[Extent], lo: int, hi: int) -> list[Extent]:
         if e > s:
             out.append(Extent(s, e - s))
     return out
-
-
-def _blocks(extents: list[Extent]) -> Iterator[Extent]:
-    for ext in extents:
-        off = ext.offset
-        while off < ext.end:
-            n = min(READ_BLOCK, ext.end - off)
-            yield Extent(off, n)
-            off += n
 
 
 class Agent:
@@ -231,7 +209,7 @@ class Agent:
 
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="agent") as pool:
             try:
-                for block in _blocks(todo):
+                for block in split(todo, READ_BLOCK):
                     if cancel is not None and cancel.is_set():
                         raise InterruptedError("replication cancelled")
                     pending.append(pool.submit(self._process_block, view, block, base_ids_for(block)))

@@ -22,7 +22,7 @@ Contract for the replication engine:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -36,6 +36,42 @@ class Extent:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+def coalesce(extents: Iterable[Extent], align: int = 1, size: int | None = None) -> list[Extent]:
+    """Sort, widen to ``align`` boundaries (clipped to ``size``), and merge touching extents."""
+    widened: list[tuple[int, int]] = []
+    for ext in extents:
+        if ext.length <= 0:
+            continue
+        start = ext.offset - ext.offset % align
+        end = -(-ext.end // align) * align
+        if size is not None:
+            end = min(end, size)
+        widened.append((start, end))
+    widened.sort()
+    out: list[Extent] = []
+    cur_start = cur_end = -1
+    for start, end in widened:
+        if start <= cur_end:
+            cur_end = max(cur_end, end)
+            continue
+        if cur_end > cur_start:
+            out.append(Extent(cur_start, cur_end - cur_start))
+        cur_start, cur_end = start, end
+    if cur_end > cur_start:
+        out.append(Extent(cur_start, cur_end - cur_start))
+    return out
+
+
+def split(extents: Iterable[Extent], piece: int) -> Iterator[Extent]:
+    """Cut extents into pieces of at most ``piece`` bytes (for bounded, parallel requests)."""
+    for ext in extents:
+        pos = ext.offset
+        while pos < ext.end:
+            n = min(piece, ext.end - pos)
+            yield Extent(pos, n)
+            pos += n
 
 
 class DiskView(Protocol):

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nbd
 
 from siterecovery.errors import SourceError
-from siterecovery.ports.source import Extent
+from siterecovery.ports.source import Extent, coalesce, split
+
+__all__ = ["coalesce", "split"]
 
 IO_SIZE = 4 * 1024 * 1024
 # NBD block status lengths are 32-bit; stay well under that and on a 64 KiB boundary.
@@ -156,42 +158,6 @@ def data_extents(h: Any) -> list[Extent]:
     return extents_where(h, BASE_ALLOCATION, lambda flags: not flags & STATE_ZERO)
 
 
-def coalesce(extents: Iterable[Extent], align: int = 1, size: int | None = None) -> list[Extent]:
-    """Sort, widen to ``align`` boundaries (clipped to ``size``), and merge touching extents."""
-    widened: list[tuple[int, int]] = []
-    for ext in extents:
-        if ext.length <= 0:
-            continue
-        start = ext.offset - ext.offset % align
-        end = -(-ext.end // align) * align
-        if size is not None:
-            end = min(end, size)
-        widened.append((start, end))
-    widened.sort()
-    out: list[Extent] = []
-    cur_start = cur_end = -1
-    for start, end in widened:
-        if start <= cur_end:
-            cur_end = max(cur_end, end)
-            continue
-        if cur_end > cur_start:
-            out.append(Extent(cur_start, cur_end - cur_start))
-        cur_start, cur_end = start, end
-    if cur_end > cur_start:
-        out.append(Extent(cur_start, cur_end - cur_start))
-    return out
-
-
-def split(extents: Iterable[Extent], piece: int = IO_SIZE) -> Iterator[Extent]:
-    """Cut extents into pieces of at most ``piece`` bytes (for bounded, parallel requests)."""
-    for ext in extents:
-        pos = ext.offset
-        while pos < ext.end:
-            n = min(piece, ext.end - pos)
-            yield Extent(pos, n)
-            pos += n
-
-
 class HandlePool:
     """One libnbd handle per thread to the same export, opened lazily, closed together.
 
@@ -229,7 +195,9 @@ class HandlePool:
         try:
             if length <= IO_SIZE:
                 return bytes(h.pread(length, offset))
-            return b"".join(bytes(h.pread(p.length, p.offset)) for p in split([Extent(offset, length)]))
+            return b"".join(
+                bytes(h.pread(p.length, p.offset)) for p in split([Extent(offset, length)], IO_SIZE)
+            )
         except nbd.Error as err:
             raise SourceError(
                 f"NBD read of {length} bytes at {offset} from {self.export_name!r} failed: {err}."
@@ -276,7 +244,7 @@ def parallel_pread(
     ``consume`` runs on the worker threads, in no particular order; at most ``2 * workers``
     pieces are in flight so memory stays bounded.
     """
-    pieces = split(extents)
+    pieces = split(extents, IO_SIZE)
     with ThreadPoolExecutor(max_workers=workers) as ex:
         in_flight: list[Any] = []
         for piece in pieces:
