@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -52,7 +53,7 @@ def verify(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         )
 
 
-def _describe(p: dict) -> str:
+def _describe(p: dict[str, Any]) -> str:
     where = f"point {p['point_id']}"
     if p["disk"]:
         where += f" disk {p['disk']}"
