@@ -242,6 +242,13 @@ def item_status(item: ItemRow, now: float | None = None) -> dict[str, Any]:
         "last_app_consistent_point_at": item.last_app_point_at,
         "initial_replication_progress": None if initial is None else round(initial, 4),
         "initial_replication_bytes": {"done": item.initial_done_bytes, "total": item.initial_total_bytes},
+        "app_consistency": (
+            "off (policy)"
+            if not pol.app_interval_s
+            else "on"
+            if (item.machine.spec.get("hooks") or {}).get("freeze")
+            else "unavailable: the machine has no freeze hook in its inventory"
+        ),
         "test_failover": tf,
         "allowed_operations": [op.value for op in allowed_operations(state)],
         "last_error": item.last_error,

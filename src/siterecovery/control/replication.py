@@ -192,6 +192,9 @@ def _cycle(
     timeout = float(hooks.get("timeout_s") or 60)
     warning: str | None = None
     frozen = False
+    # Without a freeze hook the machine has no way to quiesce its applications: app-consistent
+    # points are not possible for it (status says so), and that is not a failure to warn about.
+    app = app and bool(hooks.get("freeze"))
     if app:
         failure = run_hook(hooks.get("freeze"), timeout, "freeze")
         if failure is None:

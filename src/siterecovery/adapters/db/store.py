@@ -12,15 +12,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from siterecovery.errors import VaultError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+SCHEMA_HEAD = "0001"  # the newest Alembic revision in migrations/versions
+
+
+def schema_version(engine: Engine) -> str | None:
+    """The database's Alembic revision, or None when it has none yet."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except (OperationalError, ProgrammingError):
+        return None
 
 
 def make_engine(url: str) -> Engine:
@@ -41,6 +49,10 @@ def make_engine(url: str) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
+    # Imported here: alembic is only needed when the schema is not current (saves CLI start-up).
+    from alembic import command
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     for attempt in range(30):
@@ -62,7 +74,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        migrate(self.engine)
+        if schema_version(self.engine) != SCHEMA_HEAD:
+            migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from siterecovery.control import handlers  # noqa: F401  (registers job handlers)
 from siterecovery.entrypoints.cli import (
     datastore_cmd,
     demo_cmd,

@@ -13,10 +13,15 @@ app = typer.Typer(
     help="Replication policies (creating one also creates its '-failback' twin).", no_args_is_help=True
 )
 
-RPO = typer.Option(None, "--rpo-threshold", help="Alert when RPO exceeds this (e.g. 15m; 5s to 24h).")
-RET = typer.Option(None, "--retention", help="How long recovery points are kept (1h to 15d).")
-CRASH = typer.Option(None, "--crash-frequency", help="Crash-consistent point frequency (5s to 1h).")
-APP = typer.Option(None, "--app-frequency", help="App-consistent point frequency (0 = off, or 1h to 12h).")
+RANGE = {k: rules.describe_range(*v) for k, v in rules.RANGES.items()}
+RPO = typer.Option(None, "--rpo-threshold", help=f"Alert when RPO exceeds this ({RANGE['rpo-threshold']}).")
+RET = typer.Option(None, "--retention", help=f"How long recovery points are kept ({RANGE['retention']}).")
+CRASH = typer.Option(
+    None, "--crash-frequency", help=f"Crash-consistent point frequency ({RANGE['crash-frequency']})."
+)
+APP = typer.Option(
+    None, "--app-frequency", help=f"App-consistent point frequency (0 = off, or {RANGE['app-frequency']})."
+)
 
 
 def _row(d: dict) -> list:
@@ -101,5 +106,3 @@ def delete(ctx: typer.Context, name: str) -> None:
     policies.delete_policy(get_vault(ctx), name)
     console.print(f"policy {name} deleted")
 
-
-__all__ = ["app", "rules"]
