@@ -79,7 +79,7 @@ def _write_random(socket: str, disk: str, offset: int, length: int) -> None:
         # More data than the site has room for: refused by the prerequisites check.
         (4 * MIB, "Prerequisites check"),
         # Fits as data, but not with the room that writing the qcow2 images takes.
-        (640 * 1024, "Create test machine"),
+        (768 * 1024, "Create test machine"),
     ],
 )
 def test_test_failover_to_a_full_recovery_site_fails_and_leaves_nothing(
@@ -149,13 +149,14 @@ def test_initial_replication_into_a_full_datastore_fails_cleanly(tmpfs, lab_fact
     subprocess.run(["mount", "-o", "remount,size=64m", str(store)], check=True)
     ensure_worker(lab.vault)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 45
         while time.monotonic() < deadline and lab.item("vm1")["state"] != "Protected":
             time.sleep(0.2)
     finally:
         stop_worker(lab.vault, timeout=20)
     item = lab.item("vm1")
-    assert item["state"] == "Protected", item
+    worker_log = (lab.vault.run_dir / "worker.log").read_text()[-2000:]
+    assert item["state"] == "Protected", (item, jobs.list_jobs(lab.vault, target="vm1"), worker_log)
     assert item["health"] == "Normal", item["health_reasons"]
     retry = [j for j in jobs.list_jobs(lab.vault, target="vm1") if j["params"].get("retry")]
     assert retry and retry[0]["state"] == "Succeeded", retry
