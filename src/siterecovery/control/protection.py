@@ -140,19 +140,13 @@ def run_enable(ctx: JobContext) -> None:
 
     with ctx.step("Enable protection") as run:
         if run:
-            # Reach the machine and check its disks before anything is replicated.
-            source = source_for(kind, spec, work_dir_for(ctx.vault, name))
             try:
-                cleanup_stale = getattr(source, "cleanup_stale", None)
-                if cleanup_stale is not None:
-                    cleanup_stale()
-                with source.snapshot(disks) as snap:
-                    total = sum(snap.disks[d].size for d in disks)
-                    snap.abort()
-            finally:
-                source.close()
-            _set_state(ctx.vault, name, ItemState.INITIAL_REPLICATION, initial_total_bytes=total)
-            ctx.progress(0.05, "protection enabled", force=True)
+                _enable_protection(ctx, name, kind, spec, disks)
+            except InterruptedError:
+                raise
+            except Exception as err:  # counted for health; the worker retries the job later
+                record_failure(ctx.vault, name, err)
+                raise
 
     with ctx.step("Initial replication") as run:
         if run:
@@ -178,6 +172,22 @@ def run_enable(ctx: JobContext) -> None:
         if run:
             _set_state(ctx.vault, name, ItemState.PROTECTED)
             ctx.progress(1.0, "protected", force=True)
+
+
+def _enable_protection(ctx: JobContext, name: str, kind: str, spec: dict[str, Any], disks: list[str]) -> None:
+    """Reach the machine and check its disks before anything is replicated."""
+    source = source_for(kind, spec, work_dir_for(ctx.vault, name))
+    try:
+        cleanup_stale = getattr(source, "cleanup_stale", None)
+        if cleanup_stale is not None:
+            cleanup_stale()
+        with source.snapshot(disks) as snap:
+            total = sum(snap.disks[d].size for d in disks)
+            snap.abort()
+    finally:
+        source.close()
+    _set_state(ctx.vault, name, ItemState.INITIAL_REPLICATION, initial_total_bytes=total)
+    ctx.progress(0.05, "protection enabled", force=True)
 
 
 _last_item_progress: dict[str, float] = {}

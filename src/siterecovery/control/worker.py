@@ -161,7 +161,8 @@ class Worker:
         with self.vault.store.uow() as s:
             for item in s.scalars(
                 select(ItemRow).where(
-                    ItemRow.state == ItemState.INITIAL_REPLICATION.value, ItemRow.consecutive_failures > 0
+                    ItemRow.state.in_((ItemState.ENABLING.value, ItemState.INITIAL_REPLICATION.value)),
+                    ItemRow.consecutive_failures > 0,
                 )
             ):
                 active = s.scalar(
