@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +87,30 @@ def clip_extents(extents: list[Extent], lo: int, hi: int) -> list[Extent]:
     return out
 
 
+class _Claims:
+    """Chunk ids this agent is sending or sent recently.
+
+    Blocks are processed in parallel, so two blocks holding the same chunk could both learn from
+    the process server that it is missing and both send it. A block claims ids before it asks;
+    ids claimed by another block are that block's to send. Bounded: an id that falls out only
+    costs a redundant send, which the store deduplicates anyway.
+    """
+
+    def __init__(self, limit: int = 1 << 18) -> None:
+        self._ids: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def claim(self, ids: list[bytes]) -> list[bytes]:
+        with self._lock:
+            mine = [i for i in ids if i not in self._ids]
+            for i in mine:
+                self._ids[i] = None
+            while len(self._ids) > self._limit:
+                self._ids.popitem(last=False)
+            return mine
+
+
 class Agent:
     """Replicates disk views to a process server. One instance may serve several disks at once."""
 
@@ -94,6 +118,7 @@ class Agent:
         self.codec = codec
         self.server = server
         self.threads = threads
+        self._claims = _Claims()
 
     def _process_block(
         self, view: DiskView, block: Extent, base_ids: list[bytes]
@@ -116,8 +141,9 @@ class Agent:
                 stats.chunks_changed += 1
                 if cid != ZERO_ID:
                     changed[cid] = piece
-        if changed:
-            for cid in self.server.missing(list(changed)):
+        mine = self._claims.claim(list(changed)) if changed else []
+        if mine:
+            for cid in self.server.missing(mine):
                 blob = self.codec.encode(cid, bytes(changed[cid]))
                 stats.bytes_stored += self.server.put(cid, blob)
                 stats.bytes_sent += len(blob)
