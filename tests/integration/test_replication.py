@@ -63,6 +63,16 @@ def test_points_taken_under_load_are_byte_exact_and_crash_consistent(lab_factory
     assert lab.vault.datastore.verify().ok
 
 
+def assert_same_as_source(recovered: dict[str, Path], images: dict[str, Path]) -> None:
+    for disk, img in images.items():
+        out = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(recovered[disk]), str(img)],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
 def _write_chunks(socket: str, disk: str, offsets: list[int], fill: int) -> None:
     h = nbd.NBD()
     h.connect_uri(f"nbd+unix:///{disk}?socket={socket}")
@@ -100,13 +110,7 @@ def test_inconsistent_bitmap_leads_to_hash_resync_sending_only_changed_chunks(la
     # The resynced point is byte-exact: compare with the source images.
     m.daemon.stop()
     paths = recover_point(lab, "vm1", r2.point_id, tmp_path)
-    for disk, img in m.images.items():
-        out = subprocess.run(
-            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(paths[disk]), str(img)],
-            capture_output=True,
-            text=True,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+    assert_same_as_source(paths, m.images)
 
 
 def _worker(lab) -> subprocess.Popen:
@@ -162,13 +166,7 @@ def test_kill_during_initial_replication_resumes_without_resending(lab_factory, 
     m.daemon.stop()
     point = final["result"]["initial_point"]
     paths = recover_point(lab, "vm1", point, tmp_path)
-    for disk, img in m.images.items():
-        out = subprocess.run(
-            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(paths[disk]), str(img)],
-            capture_output=True,
-            text=True,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+    assert_same_as_source(paths, m.images)
 
 
 def test_index_metadata_of_a_point_grows_with_the_change(lab_factory):

@@ -318,6 +318,22 @@ def resolve_point(session: Any, item: ItemRow, which: str) -> PointRow:
     return row
 
 
+def refuse_if_busy(session: Any, item: ItemRow, ignore_kinds: tuple[str, ...] = ()) -> None:
+    """Refuse a new operation while another job of the item is queued or running."""
+    running = session.scalar(
+        select(JobRow).where(
+            JobRow.item_id == item.id,
+            JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)),
+            JobRow.kind.not_in(ignore_kinds),
+        )
+    )
+    if running is not None:
+        raise OperationNotAllowed(
+            f"{item.name!r} has job {running.id} ({running.kind}) running; wait for it to end "
+            f"('siterecovery job show {running.id}'), then try again."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Disable replication
 
@@ -327,18 +343,8 @@ def disable_replication(vault: Any, item_name: str, *, keep_points: bool = False
         item = get_item(s, item_name)
         state = ItemState(item.state)
         begin(state, Operation.DISABLE, item=item_name)
-        running = s.scalar(
-            select(JobRow).where(
-                JobRow.item_id == item.id,
-                JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)),
-                JobRow.kind != "enable-replication",
-            )
-        )
-        if running is not None:
-            raise OperationNotAllowed(
-                f"{item_name!r} has job {running.id} ({running.kind}) running; "
-                "wait for it to end, then disable."
-            )
+        # Disabling cancels a running initial replication; any other job must end first.
+        refuse_if_busy(s, item, ignore_kinds=("enable-replication",))
         if item.test_failover:
             raise OperationNotAllowed(
                 operation="disable",

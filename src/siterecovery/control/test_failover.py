@@ -19,31 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from siterecovery.adapters.db.models import ItemRow, JobRow
+from siterecovery.adapters.db.models import ItemRow
 from siterecovery.control import jobs
 from siterecovery.control.jobs import JobContext, handler, new_job
 from siterecovery.control.maintenance import datastore_lock
-from siterecovery.control.protection import get_item, resolve_point
+from siterecovery.control.protection import get_item, refuse_if_busy, resolve_point
 from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.materialize import materialize_disk
 from siterecovery.domain.states import ItemState, Operation, begin
-from siterecovery.errors import OperationNotAllowed, StorageFull
+from siterecovery.errors import StorageFull
 
 START_STEPS = ["Prerequisites check", "Create test machine", "Start test machine"]
 CLEANUP_STEPS = ["Stop test machine", "Delete test machine", "Complete cleanup"]
-
-
-def _busy(session: Any, item: ItemRow) -> None:
-    running = session.scalar(
-        select(JobRow).where(JobRow.item_id == item.id, JobRow.state.in_((jobs.QUEUED, jobs.RUNNING)))
-    )
-    if running is not None:
-        raise OperationNotAllowed(
-            f"{item.name!r} has job {running.id} ({running.kind}) running; "
-            "wait for it to end ('siterecovery job show')."
-        )
 
 
 def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> dict[str, Any]:
@@ -51,7 +38,7 @@ def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> di
         item = get_item(s, item_name)
         state = ItemState(item.state)
         entered = begin(state, Operation.TEST_FAILOVER, item=item_name)
-        _busy(s, item)
+        refuse_if_busy(s, item)
         p = resolve_point(s, item, point)
         job = new_job(
             s,
@@ -216,7 +203,7 @@ def cleanup_test_failover(vault: Any, item_name: str, notes: str = "") -> dict[s
     with vault.store.uow() as s:
         item = get_item(s, item_name)
         entered = begin(ItemState(item.state), Operation.TEST_FAILOVER_CLEANUP, item=item_name)
-        _busy(s, item)
+        refuse_if_busy(s, item)
         job = new_job(
             s,
             "test-failover-cleanup",
