@@ -144,7 +144,7 @@ class Agent:
         mine = self._claims.claim(list(changed)) if changed else []
         if mine:
             for cid in self.server.missing(mine):
-                blob = self.codec.encode(cid, bytes(changed[cid]))
+                blob = self.codec.encode(cid, changed[cid])
                 stats.bytes_stored += self.server.put(cid, blob)
                 stats.bytes_sent += len(blob)
                 stats.chunks_sent += 1
