@@ -74,7 +74,8 @@ class Lab:
         return wl
 
     def item(self, name: str) -> dict[str, Any]:
-        return protection.status(self.vault, name)[0]
+        # These tests play the worker's part in-process (run_job, take_point), or start the real one.
+        return protection.status(self.vault, name, worker_running=True)[0]
 
 
 @pytest.fixture

@@ -193,3 +193,19 @@ def test_excluded_disk_is_not_replicated(lab_factory):
     assert list(manifest.disks) == ["disk0"]
     r = take_point(lab.vault, "vm1")
     assert list(lab.vault.datastore.read_manifest(r.point_id).disks) == ["disk0"]
+
+
+def test_status_says_when_replication_is_stopped_because_the_worker_is_down(lab_factory):
+    from siterecovery.control.worker import ensure_worker, stop_worker
+
+    lab = lab_factory(size=64 * MIB, data=4 * MIB)
+    assert lab.enable("vm1")["state"] == "Succeeded"
+    st = protection.status(lab.vault, "vm1")[0]
+    assert st["health"] == "Warning"
+    assert st["health_reasons"][0] == protection.WORKER_DOWN
+    ensure_worker(lab.vault)
+    try:
+        st = protection.status(lab.vault, "vm1")[0]
+        assert protection.WORKER_DOWN not in st["health_reasons"]
+    finally:
+        stop_worker(lab.vault)

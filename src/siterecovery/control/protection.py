@@ -265,11 +265,31 @@ def item_status(item: ItemRow, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def status(vault: Any, name: str | None = None) -> list[dict[str, Any]]:
+WORKER_DOWN = (
+    "replication is stopped: the vault's worker is not running; start it with 'siterecovery worker start'"
+)
+
+
+def status(
+    vault: Any, name: str | None = None, *, worker_running: bool | None = None
+) -> list[dict[str, Any]]:
+    """Status of one item or all; ``worker_running`` None means: look whether the worker runs
+    (a caller that runs jobs and cycles itself, in-process, passes True)."""
+    from siterecovery.control.worker import REPLICATING, worker_pid
+
     with vault.store.uow() as s:
-        if name:
-            return [item_status(get_item(s, name))]
-        return [item_status(i) for i in s.scalars(select(ItemRow).order_by(ItemRow.name))]
+        rows = [get_item(s, name)] if name else list(s.scalars(select(ItemRow).order_by(ItemRow.name)))
+        out = [item_status(i) for i in rows]
+    if worker_running is None:
+        worker_running = worker_pid(vault) is not None
+    if out and not worker_running:
+        # Nothing replicates without the worker; say so rather than let the RPO grow unexplained.
+        for st in out:
+            if st["state"] in {x.value for x in REPLICATING} or st["state"] == ItemState.INITIAL_REPLICATION:
+                st["health_reasons"].insert(0, WORKER_DOWN)
+                if st["health"] == "Normal":
+                    st["health"] = "Warning"
+    return out
 
 
 def point_dict(p: PointRow) -> dict[str, Any]:
