@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.adapters.db.models import JobRow
-from siterecovery.errors import NotFound, SiteRecoveryError
+from siterecovery.errors import NotFound
 
 QUEUED, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "Queued",
@@ -103,10 +103,6 @@ def list_jobs(vault: Any, *, target: str | None = None, limit: int = 50) -> list
 def show_job(vault: Any, job_id: str) -> dict[str, Any]:
     with vault.store.uow() as s:
         return job_dict(get_job(s, job_id))
-
-
-class StepFailed(SiteRecoveryError):
-    """A job step failed."""
 
 
 @dataclass

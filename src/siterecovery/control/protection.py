@@ -13,9 +13,14 @@ from siterecovery.bootstrap import source_for
 from siterecovery.control import jobs
 from siterecovery.control.jobs import JobContext, handler, new_job
 from siterecovery.control.policies import get_policy
-from siterecovery.control.replication import item_lock, record_failure, take_point, work_dir_for
+from siterecovery.control.replication import (
+    item_lock,
+    record_failure,
+    release_stale_snapshots,
+    take_point,
+    work_dir_for,
+)
 from siterecovery.control.sites import get_site
-from siterecovery.domain.durations import format_duration
 from siterecovery.domain.health import HealthInput, assess, current_rpo_s
 from siterecovery.domain.states import ItemState, Operation, allowed_operations, begin
 from siterecovery.errors import AlreadyExists, InvalidInput, NotFound, OperationNotAllowed
@@ -178,9 +183,7 @@ def _enable_protection(ctx: JobContext, name: str, kind: str, spec: dict[str, An
     """Reach the machine and check its disks before anything is replicated."""
     source = source_for(kind, spec, work_dir_for(ctx.vault, name))
     try:
-        cleanup_stale = getattr(source, "cleanup_stale", None)
-        if cleanup_stale is not None:
-            cleanup_stale()
+        release_stale_snapshots(source, name)
         with source.snapshot(disks) as snap:
             total = sum(snap.disks[d].size for d in disks)
             snap.abort()
@@ -435,11 +438,3 @@ def run_disable(ctx: JobContext) -> None:
                 item = s.get(ItemRow, item_id)
                 if item is not None:
                     s.delete(item)
-
-
-def describe_policy_of(item: ItemRow) -> str:
-    p = item.policy
-    return (
-        f"{p.name}: crash-consistent every {format_duration(p.crash_interval_s)}, retention "
-        f"{format_duration(p.retention_s)}"
-    )

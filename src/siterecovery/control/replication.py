@@ -207,18 +207,12 @@ def _cycle(
                 if thaw_failure:
                     warning += f"; {thaw_failure}"
 
-    source = source_for(kind, spec, vault.work_dir / item_name)
+    source = source_for(kind, spec, work_dir_for(vault, item_name))
     datastore = vault.datastore
     agent = embedded_agent(datastore)
     total_stats = DiskStats()
     try:
-        # Only this worker snapshots the machine and the item lock is held, so any snapshot
-        # state left in the machine is from a replicator that died: release it first.
-        cleanup_stale = getattr(source, "cleanup_stale", None)
-        if cleanup_stale is not None:
-            removed = cleanup_stale()
-            if removed:
-                log.warning("%s: removed snapshot state left by a dead replicator: %s", item_name, removed)
+        release_stale_snapshots(source, item_name)
         try:
             snap = source.snapshot(disks)
         finally:
@@ -393,6 +387,19 @@ def apply_retention(vault: Any, item_id: int, retention_s: float) -> list[str]:
     for r in doomed:
         vault.datastore.delete_manifest(r.id)
     return [r.id for r in doomed]
+
+
+def release_stale_snapshots(source: Any, item_name: str) -> None:
+    """Release snapshot state a dead replicator left in the machine (sources that keep any).
+
+    Only the vault's worker snapshots a machine, one snapshot per item at a time, so whatever
+    snapshot state is found before a new snapshot belongs to a replicator that died.
+    """
+    cleanup_stale = getattr(source, "cleanup_stale", None)
+    if cleanup_stale is not None:
+        removed = cleanup_stale()
+        if removed:
+            log.warning("%s: removed snapshot state left by a dead replicator: %s", item_name, removed)
 
 
 def work_dir_for(vault: Any, item_name: str) -> Path:

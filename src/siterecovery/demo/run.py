@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from siterecovery.control.worker import ensure_worker, stop_worker
 from siterecovery.demo.fabric import fill_image, load_base, write_inventory
 from siterecovery.demo.verify import disk_specs, nbd_reader, verify_machine
 from siterecovery.demo.workload import Workload
+from siterecovery.domain.durations import parse_duration
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -345,8 +345,6 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
 
 
 def _seconds(text: str) -> float:
-    from siterecovery.domain.durations import parse_duration
-
     return parse_duration(text)
 
 
@@ -459,4 +457,4 @@ def write_report(path: Path, result: DemoResult) -> None:
     tmp.replace(path)
 
 
-__all__ = ["DemoConfig", "run_demo", "write_report", "statistics"]
+__all__ = ["DemoConfig", "run_demo", "write_report"]

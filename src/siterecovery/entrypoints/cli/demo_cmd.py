@@ -35,8 +35,8 @@ def demo(
         keep=keep,
     )
     result = run_demo(cfg, console, report)
-    failed = [c["name"] for c in result.checks if not c["passed"]]
-    if failed:
+    if not result.passed:
+        failed = [c["name"] for c in result.checks if not c["passed"]]
         console.print(f"[red]{len(failed)} check(s) failed:[/red] {', '.join(failed)}")
         raise typer.Exit(1)
     console.print(f"[green]all {len(result.checks)} checks passed[/green]")
