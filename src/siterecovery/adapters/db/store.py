@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from siterecovery.errors import VaultError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0001"  # the newest Alembic revision in migrations/versions
+SCHEMA_HEAD = "0002"  # the newest Alembic revision in migrations/versions
 
 
 def schema_version(engine: Engine) -> str | None:
