@@ -184,6 +184,10 @@ def lab() -> Iterator[Lab]:
         made.runs["site add recovery"] = made.run(
             "site add recovery --kind qemu --role recovery --json --path", str(made.recovery)
         )
+        # The network vm1's NIC is on; enabling replication maps it to a "prod-asr" mirror.
+        made.runs["network add"] = made.run(
+            "network add prod --site primary --subnet default=10.0.0.0/24 --json"
+        )
         made.runs["discover 1"] = made.run("site discover primary --json")
         write_inventory(made.inventory, made.inventory_entries(vm1_memory_mib=1024, with_vm2=False))
         made.runs["discover 2"] = made.run("site discover primary --json")
@@ -631,3 +635,40 @@ def test_worker_stop_stops_it(protected: Lab) -> None:
     assert "worker stopped" in protected.cli("worker", "stop").stdout
     assert protected.cli("worker", "status", "--json").json() == {"running": False, "pid": None}
     assert "worker was not running" in protected.cli("worker", "stop").stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Failover and back (last: it moves vm1 around and leaves it protected forward again)
+
+
+def test_failover_commit_reprotect_failback_and_back_through_the_cli(protected: Lab) -> None:
+    run = protected.cli("failover", "commit", "vm1", expect=NOT_ALLOWED)
+    assert "commit is not allowed for 'vm1' in state Protected" in run.error
+    assert "planned-failover" in run.error
+    run = protected.cli("failback", "vm1", expect=NOT_ALLOWED)
+    assert "nothing to fail back" in run.error
+
+    job = protected.cli("failover", "planned", "vm1", "--json").json()
+    assert job["state"] == "Succeeded" and job["kind"] == "failover"
+    assert [s["state"] for s in job["steps"]] == ["Succeeded"] * 5
+    assert job["result"]["rto_seconds"] > 0
+    (item,) = protected.cli("status", "vm1", "--json").json()
+    assert item["state"] == "FailedOver"
+    assert item["allowed_operations"] == ["change-recovery-point", "commit", "cancel-failover", "disable"]
+    assert item["recovered_machine"]["nics"][0]["network"] == "prod-asr"
+
+    assert protected.cli("failover", "commit", "vm1", "--json").json()["state"] == "Succeeded"
+    job = protected.cli("reprotect", "vm1", "--json").json()
+    assert job["state"] == "Succeeded"
+    assert job["result"]["bytes_compared"] == job["result"]["disk_bytes"] == len(DISKS) * DISK_SIZE
+    assert job["result"]["bytes_sent"] == 0  # nothing was written at the recovery site
+    (item,) = protected.cli("status", "vm1", "--json").json()
+    assert (item["state"], item["direction"], item["policy"]) == ("Protected", "reverse", "fast-failback")
+
+    assert protected.cli("failback", "vm1", "--json").json()["state"] == "Succeeded"
+    assert protected.cli("failover", "commit", "vm1", "--json").json()["state"] == "Succeeded"
+    assert protected.cli("reprotect", "vm1", "--json").json()["state"] == "Succeeded"
+    (item,) = protected.cli("status", "vm1", "--json").json()
+    assert (item["state"], item["direction"], item["policy"]) == ("Protected", "forward", "fast")
+    kinds = [j["kind"] for j in protected.cli("job", "list", "--json").json()[:6]]
+    assert kinds == ["reprotect", "commit-failover", "failover", "reprotect", "commit-failover", "failover"]

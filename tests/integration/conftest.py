@@ -17,6 +17,7 @@ from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
 from siterecovery.control import (
     handlers,  # noqa: F401  (registers job handlers)
     jobs,
+    networks,
     policies,
     protection,
     sites,
@@ -135,6 +136,8 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
         vault = create_vault(root / "vault", "lab", datastore)
         sites.add_site(vault, "primary", kind, "primary", root / "inventory.toml", None)
         sites.add_site(vault, "recovery", kind, "recovery", None, recovery_path or root / "recovery")
+        # The network the machines' NICs are on (enable maps it to a "prod-asr" mirror at recovery).
+        networks.add_network(vault, "prod", site="primary", subnets=["default=10.0.0.0/24"])
         sites.discover(vault, "primary")
         policies.create_policy(
             vault,

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from siterecovery.adapters.db.models import PointRow
 from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
-from siterecovery.control import protection, test_failover
+from siterecovery.control import networks, protection, test_failover
 from siterecovery.control.protection import list_points
 from siterecovery.control.replication import take_point
 from siterecovery.errors import OperationNotAllowed
@@ -112,7 +112,13 @@ def test_test_failover_builds_an_independent_machine_and_cleanup_removes_everyth
     machine = json.loads((tdir / "machine.json").read_text())
     assert machine["name"] == "vm1-test" and machine["source_machine"] == "vm1"
     assert machine["recovery_point"]["id"] == drill_point
-    assert {n["network"] for n in machine["nics"]} == {"vm1-test-isolated"}
+    # A drill never joins production: its NIC is on a test network made for this drill, with the
+    # production subnet's address space, and keeps its address there (it is free in that network).
+    test_net = item["test_failover"]["test_network"]
+    assert test_net.startswith("vm1-test-")
+    assert [(n["network"], n["ip"], n["primary"]) for n in machine["nics"]] == [(test_net, "10.0.0.10", True)]
+    assert (tdir / "domain.xml").exists() and (tdir / "seed" / "network-config").exists()
+    assert test_net in {n["name"] for n in networks.list_networks(lab.vault, "recovery")}
     for disk in machine["disks"]:
         path = Path(disk["path"])
         assert path.parent == tdir and path.exists()
@@ -166,6 +172,7 @@ def test_test_failover_builds_an_independent_machine_and_cleanup_removes_everyth
     item = lab.item("vm1")
     assert item["state"] == "Protected" and item["test_failover"] is None
     assert item["health"] == "Normal", item["health_reasons"]
+    assert test_net not in {n["name"] for n in networks.list_networks(lab.vault, "recovery")}
 
     # Unpinned now: the next cycle's retention removes the aged point.
     r2 = take_point(lab.vault, "vm1")

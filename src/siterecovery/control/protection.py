@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from siterecovery.adapters.db.models import ItemRow, JobRow, MachineRow, PointRow, SiteRow
 from siterecovery.bootstrap import source_for
-from siterecovery.control import jobs
+from siterecovery.control import jobs, networks
 from siterecovery.control.jobs import JobContext, handler, new_job
 from siterecovery.control.policies import get_policy
 from siterecovery.control.replication import (
@@ -120,6 +120,7 @@ def enable_replication(
         )
         s.add(item)
         s.flush()
+        networks.ensure_item_networks(s, item)
         job = new_job(s, "enable-replication", machine, ENABLE_STEPS, item_id=item.id)
         return {"item": machine, "job": job.id, "disks": disks, "excluded_disks": exclude}
 
@@ -263,8 +264,32 @@ def item_status(item: ItemRow, now: float | None = None) -> dict[str, Any]:
             else "unavailable: the machine has no freeze hook in its inventory"
         ),
         "test_failover": tf,
-        "allowed_operations": [op.value for op in allowed_operations(state)],
+        "failover": item.failover,
+        "recovered_machine": _recovered_summary(item.recovered_machine),
+        "allowed_operations": [
+            op.value
+            for op in allowed_operations(state, planned_failover=bool((item.failover or {}).get("planned")))
+        ],
         "last_error": item.last_error,
+    }
+
+
+NIC_FIELDS = ("name", "network", "subnet", "ip", "primary")
+
+
+def _recovered_summary(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What runs at the recovery site after a failover, and what of the machine was not created."""
+    if not rec:
+        return None
+    return {
+        "name": rec.get("name"),
+        "site": rec.get("site"),
+        "dir": rec.get("dir"),
+        "size": rec.get("size"),
+        "nics": [{k: n.get(k) for k in NIC_FIELDS} for n in rec.get("nics") or []],
+        "nics_not_created": rec.get("nics_not_created") or [],
+        "nbd_socket": rec.get("nbd"),
+        "qmp_socket": rec.get("qmp"),
     }
 
 
@@ -396,6 +421,8 @@ def run_disable(ctx: JobContext) -> None:
         if item is None:
             return  # already removed by an earlier run of this job
         name, item_id, kind, spec = item.name, item.id, item.source_site.kind, dict(item.machine.spec)
+        rec = item.recovered_machine
+        recovered = dict(rec) if rec and rec.get("qmp") else None
         # Cancel an initial replication still queued or running for this item.
         for other in s.scalars(
             select(JobRow).where(
@@ -410,15 +437,21 @@ def run_disable(ctx: JobContext) -> None:
             pass  # holding the item lock waits for a running cycle; the Disabling state stops new ones
     with ctx.step("Remove change tracking") as run:
         if run:
-            try:
-                source = source_for(kind, spec, work_dir_for(ctx.vault, name))
+            # The machine at the recovery site (after a failover) keeps running: disabling
+            # replication stops protecting it, it does not take production down.
+            sources = [(kind, spec, work_dir_for(ctx.vault, name))]
+            if recovered:
+                sources.append((recovered["kind"], recovered, work_dir_for(ctx.vault, name, "reverse")))
+            for src_kind, src_spec, wd in sources:
                 try:
-                    source.reset_tracking()
-                finally:
-                    source.close()
-            except Exception as err:  # the machine may be gone; nothing to clean there then
-                ctx.set_result(tracking_cleanup=f"skipped: {err}")
-            shutil.rmtree(work_dir_for(ctx.vault, name), ignore_errors=True)
+                    source = source_for(src_kind, src_spec, wd)
+                    try:
+                        source.reset_tracking()
+                    finally:
+                        source.close()
+                except Exception as err:  # the machine may be gone; nothing to clean there then
+                    ctx.set_result(tracking_cleanup=f"skipped: {err}")
+                shutil.rmtree(wd, ignore_errors=True)
     with ctx.step("Remove recovery points") as run:
         if run:
             with ctx.vault.store.uow() as s:
@@ -433,6 +466,7 @@ def run_disable(ctx: JobContext) -> None:
     with ctx.step("Remove item") as run:
         if run:
             with ctx.vault.store.uow() as s:
+                networks.release_addresses(s, item_id, None)
                 for j in s.scalars(select(JobRow).where(JobRow.item_id == item_id)):
                     j.item_id = None
                 item = s.get(ItemRow, item_id)

@@ -45,7 +45,7 @@ from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.manifest import Manifest
 from siterecovery.dataplane.replicate import DiskStats
 from siterecovery.domain.retention import PointStamp, points_to_keep
-from siterecovery.errors import NotFound
+from siterecovery.errors import NotFound, OperationNotAllowed
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,22 @@ def take_point(
     initial: bool = False,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    direction: str | None = None,
 ) -> CycleResult:
-    """Run one replication cycle for the item and record the recovery point it made."""
+    """Run one replication cycle for the item and record the recovery point it made.
+
+    ``direction`` (default: the item's) says which machine is read: ``forward`` the machine at
+    the primary site, ``reverse`` the machine running at the recovery site after a failover (a
+    reprotect takes its first reverse point before the item's direction changes).
+    """
     t0 = time.monotonic()
     with vault.store.uow() as s:
         item = s.scalar(select(ItemRow).where(ItemRow.name == item_name))
         if item is None:
             raise NotFound(kind="protected item", name=item_name)
         item_id = item.id
-        spec = dict(item.machine.spec)
-        kind = item.source_site.kind
+        direction = direction or item.direction
+        kind, spec, work_dir = replication_source(vault, item, direction)
         disks = list(item.disks)
         prev = latest_point(s, item.id)
         base_refs = {n: IndexRef.from_json(r) for n, r in prev.disks.items()} if prev else {}
@@ -168,6 +174,8 @@ def take_point(
             policy_retention,
             machine_name,
             t0,
+            direction,
+            work_dir,
         )
 
 
@@ -187,6 +195,8 @@ def _cycle(
     retention_s: float,
     machine_name: str,
     t0: float,
+    direction: str,
+    work_dir: Path,
 ) -> CycleResult:
     hooks = spec.get("hooks") or {}
     timeout = float(hooks.get("timeout_s") or 60)
@@ -207,7 +217,7 @@ def _cycle(
                 if thaw_failure:
                     warning += f"; {thaw_failure}"
 
-    source = source_for(kind, spec, work_dir_for(vault, item_name))
+    source = source_for(kind, spec, work_dir)
     datastore = vault.datastore
     agent = embedded_agent(datastore)
     total_stats = DiskStats()
@@ -311,6 +321,7 @@ def _cycle(
                         changed_chunks=total_stats.chunks_changed,
                         duration_s=duration,
                         disks={n: r.to_json() for n, r in refs.items()},
+                        direction=direction,
                     )
                 )
                 item = s.get(ItemRow, item_id)
@@ -379,6 +390,9 @@ def apply_retention(vault: Any, item_id: int, retention_s: float) -> list[str]:
         pinned = set()
         if item is not None and item.test_failover:
             pinned.add(item.test_failover.get("point_id"))
+        if item is not None and item.failover and item.failover.get("point_id"):
+            # The point the machine at the target site was built from: a reprotect starts from it.
+            pinned.add(item.failover["point_id"])
         doomed = [r for r in rows if r.id not in keep and r.id not in pinned]
         for r in doomed:
             s.delete(r)
@@ -402,5 +416,21 @@ def release_stale_snapshots(source: Any, item_name: str) -> None:
             log.warning("%s: removed snapshot state left by a dead replicator: %s", item_name, removed)
 
 
-def work_dir_for(vault: Any, item_name: str) -> Path:
-    return Path(vault.work_dir) / item_name
+def work_dir_for(vault: Any, item_name: str, direction: str = "forward") -> Path:
+    """Where the replicator keeps a source's state (change tracking records, control state):
+    one directory per machine read, the primary machine (forward) or the recovered one."""
+    suffix = "" if direction == "forward" else "-recovered"
+    return Path(vault.work_dir) / f"{item_name}{suffix}"
+
+
+def replication_source(vault: Any, item: ItemRow, direction: str) -> tuple[str, dict[str, Any], Path]:
+    """(site kind, machine spec, work dir) of the machine replication reads in ``direction``."""
+    if direction == "forward":
+        return item.source_site.kind, dict(item.machine.spec), work_dir_for(vault, item.name)
+    recovered = item.recovered_machine
+    if not recovered:
+        raise OperationNotAllowed(
+            f"{item.name!r} has no machine running at the recovery site to replicate back from; "
+            "fail over first."
+        )
+    return str(recovered["kind"]), dict(recovered), work_dir_for(vault, item.name, "reverse")

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from siterecovery.adapters.db.models import MachineRow, SiteRow
 from siterecovery.control.inventory import load_inventory
+from siterecovery.control.networks import seed_default_sizes
 from siterecovery.control.vault import Vault, check_name
 from siterecovery.errors import AlreadyExists, InvalidInput, NotFound
 
@@ -68,6 +69,8 @@ def add_site(
         )
         s.add(row)
         s.flush()
+        if role == "recovery":
+            seed_default_sizes(s, row)
         return site_dict(row)
 
 

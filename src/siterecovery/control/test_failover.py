@@ -12,15 +12,16 @@ user's notes.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from siterecovery.adapters.compute.artifacts import write_machine_artifacts
 from siterecovery.adapters.db.models import ItemRow
-from siterecovery.control import jobs
+from siterecovery.control import jobs, networks
+from siterecovery.control.failover import site_full
 from siterecovery.control.jobs import JobContext, handler, new_job
 from siterecovery.control.maintenance import datastore_lock
 from siterecovery.control.protection import get_item, refuse_if_busy, resolve_point
@@ -40,17 +41,32 @@ def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> di
         entered = begin(state, Operation.TEST_FAILOVER, item=item_name)
         refuse_if_busy(s, item)
         p = resolve_point(s, item, point)
+        # Size, room, NICs and test addresses are checked (and the addresses taken, the test
+        # network made) in this transaction: a refusal leaves everything as it was.
+        plan = networks.plan_failover_network(s, item, purpose="test")
         job = new_job(
             s,
             "test-failover",
             item_name,
             START_STEPS,
             item_id=item.id,
-            params={"point_id": p.id, "requested": point, "previous_state": state.value},
+            params={
+                "point_id": p.id,
+                "requested": point,
+                "previous_state": state.value,
+                "network_plan": plan,
+            },
         )
         item.state = entered.value
         # Pin the point now, so that retention cannot remove it before the job reads it.
-        item.test_failover = {"point_id": p.id, "job": job.id, "state": "starting"}
+        item.test_failover = {
+            "point_id": p.id,
+            "job": job.id,
+            "state": "starting",
+            "site": plan["site"],
+            "size": plan["size"],
+            "test_network": plan.get("test_network"),
+        }
         return {
             "item": item_name,
             "job": job.id,
@@ -58,15 +74,6 @@ def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> di
             "point_time": p.created_at,
             "point_type": p.consistency,
         }
-
-
-def _site_full(where: Path | str, detail: str) -> StorageFull:
-    return StorageFull(
-        f"no space left on the recovery site at {where}: {detail}. Free space there or give the "
-        "recovery site a path with more room; the recovery points are intact.",
-        where=str(where),
-        detail=detail,
-    )
 
 
 def test_machine_dir(site_path: str, name: str) -> Path:
@@ -100,7 +107,7 @@ def run_test_failover(ctx: JobContext) -> None:
                 tdir.parent.mkdir(parents=True, exist_ok=True)
                 free = shutil.disk_usage(tdir.parent).free
                 if free < need:
-                    raise _site_full(tdir.parent, f"{free} bytes free, the test machine needs {need}")
+                    raise site_full(tdir.parent, f"{free} bytes free, the test machine needs {need}")
                 ctx.progress(0.05, f"recovering {point_info['id']} ({point_info['type']})", force=True)
 
         disk_paths = {n: str(tdir / f"{n}.{fmt}") for n in refs}
@@ -117,25 +124,27 @@ def run_test_failover(ctx: JobContext) -> None:
                     except StorageFull as err:
                         # Sparse images need room for data only, but writing qcow2 needs more
                         # for a while than the check above could know.
-                        raise _site_full(
+                        raise site_full(
                             err.fields.get("where", tdir), err.fields.get("detail", str(err))
                         ) from err
+                plan = params["network_plan"]
                 machine = {
                     "name": f"{name}-test",
                     "source_machine": spec["name"],
+                    "role": "test",
                     "recovery_point": point_info,
-                    "cpus": spec["cpus"],
-                    "memory_mib": spec["memory_mib"],
+                    "size": plan["size"],
+                    "cpus": plan["size"]["cpus"],
+                    "memory_mib": plan["size"]["memory_mib"],
                     "os": spec["os"],
                     "disks": [
                         {"name": n, "path": disk_paths[n], "format": fmt, "size": refs[n].size} for n in refs
                     ],
-                    # A drill never joins production networks: NICs go to an isolated test network.
-                    "nics": [{**nic, "network": f"{name}-test-isolated"} for nic in spec["nics"]],
+                    # A drill never joins production networks: its NICs are on the test network.
+                    "nics": plan["nics"],
+                    "nics_not_created": plan["nics_not_created"],
                 }
-                tmp = tdir / "machine.json.partial"
-                tmp.write_text(json.dumps(machine, indent=2))
-                tmp.replace(tdir / "machine.json")
+                write_machine_artifacts(tdir, machine)
                 ctx.set_result(bytes_written=sum(written.values()))
                 ctx.progress(0.8, "test machine created", force=True)
 
@@ -151,10 +160,16 @@ def run_test_failover(ctx: JobContext) -> None:
                     )
                     run_dir = str(tdir / "run")
                     ctx.set_result(pid=daemon.pid, nbd_socket=daemon.nbd_socket)
+                plan = params["network_plan"]
                 with ctx.vault.store.uow() as s:
                     item = get_item(s, name)
                     item.state = ItemState.TEST_FAILOVER.value
                     item.test_failover = {
+                        "site": plan["site"],
+                        "size": plan["size"],
+                        "test_network": plan.get("test_network"),
+                        "nics": plan["nics"],
+                        "nics_not_created": plan["nics_not_created"],
                         "point_id": point_info["id"],
                         "point_time": point_info["time"],
                         "point_type": point_info["type"],
@@ -171,9 +186,17 @@ def run_test_failover(ctx: JobContext) -> None:
         _remove_test_machine(tdir)
         with ctx.vault.store.uow() as s:
             item = get_item(s, name)
+            _release_test_network(s, item, params.get("network_plan") or {})
             item.state = params.get("previous_state", ItemState.PROTECTED.value)
             item.test_failover = None
         raise
+
+
+def _release_test_network(session: Any, item: ItemRow, plan: dict[str, Any]) -> None:
+    """Give back the drill's addresses and remove the test network made for it (if any)."""
+    networks.release_addresses(session, item.id, "test")
+    if plan.get("test_network"):  # made for this drill only (a mapped test network stays)
+        networks.remove_test_network(session, plan["test_network"])
 
 
 def _running_daemon(run_dir: Path) -> Any:
@@ -238,6 +261,7 @@ def run_cleanup(ctx: JobContext) -> None:
         if run:
             with ctx.vault.store.uow() as s:
                 item = get_item(s, name)
+                _release_test_network(s, item, tf)
                 item.state = ItemState.PROTECTED.value
                 item.test_failover = None
             ctx.set_result(

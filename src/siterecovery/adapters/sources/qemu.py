@@ -91,6 +91,42 @@ _STALE_PREFIXES = ("srf-", "srj-", "sre-")
 _TEARDOWN_TIMEOUT = 15.0
 
 
+def daemon_nbd_socket(qmp_socket: str) -> str | None:
+    """The NBD socket of a MachineDaemon whose QMP socket is ``qmp_socket``, if any (found
+    through the daemon's ``daemon.json`` next to the QMP socket)."""
+    state = Path(qmp_socket).parent / "daemon.json"
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("qmp_socket") == str(qmp_socket) and data.get("nbd_socket"):
+        return str(data["nbd_socket"])
+    return None
+
+
+def start_nbd_server(qmp: QmpClient, path: Path | str, *, ours_if_running: bool) -> str:
+    """Start the machine's NBD server on the unix socket ``path`` and return the path.
+
+    QEMU runs at most one NBD server per process and cannot tell where a running one listens:
+    with ``ours_if_running`` the caller knows that a running server is the one it started on
+    ``path`` earlier, and "already running" is success; otherwise it is an error that asks for
+    the machine's own NBD socket.
+    """
+    path = str(path)
+    if len(path.encode()) > 107:
+        raise InvalidInput(f"NBD socket path {path} is too long for a unix socket; use a shorter work_dir.")
+    try:
+        qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": path}})
+    except SourceError as err:
+        if ours_if_running and "already running" in str(err.fields.get("desc", "")):
+            return path
+        raise SourceError(
+            f"cannot start an NBD server in the machine: {err}. If the machine already runs "
+            "one, pass its unix socket as nbd_socket."
+        ) from err
+    return path
+
+
 @dataclass
 class _DiskPlan:
     """Everything a snapshot creates for one disk, so teardown knows what to remove."""
@@ -517,34 +553,13 @@ class QemuSource:
 
     def _daemon_nbd_socket(self) -> str | None:
         """The NBD socket of a MachineDaemon whose QMP socket this is, if any."""
-        state = Path(self.qmp_socket).parent / "daemon.json"
-        try:
-            data = json.loads(state.read_text())
-        except (OSError, ValueError):
-            return None
-        if data.get("qmp_socket") == self.qmp_socket and data.get("nbd_socket"):
-            return str(data["nbd_socket"])
-        return None
+        return daemon_nbd_socket(self.qmp_socket)
 
     def _ensure_nbd_server(self, qmp: QmpClient) -> str:
         if self._nbd_socket is not None and not self._own_nbd:
             return self._nbd_socket
-        path = str(self.work_dir / "nbd.sock")
-        if len(path.encode()) > 107:
-            raise InvalidInput(
-                f"NBD socket path {path} is too long for a unix socket; use a shorter work_dir."
-            )
-        try:
-            qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": path}})
-        except SourceError as err:
-            # Ours from an earlier snapshot (started again each time in case the machine
-            # restarted in between).
-            if self._own_nbd and "already running" in str(err.fields.get("desc", "")):
-                return path
-            raise SourceError(
-                f"cannot start an NBD server in the machine: {err}. If the machine already runs "
-                "one, pass its unix socket as nbd_socket."
-            ) from err
+        # Started again each time in case the machine restarted in between.
+        path = start_nbd_server(qmp, self.work_dir / "nbd.sock", ours_if_running=self._own_nbd)
         self._nbd_socket = path
         self._own_nbd = True
         return path

@@ -11,7 +11,9 @@ from rich.markup import escape
 from siterecovery.entrypoints.cli import (
     datastore_cmd,
     demo_cmd,
+    failover_cmd,
     job_cmd,
+    network_cmd,
     policy_cmd,
     replication_cmd,
     site_cmd,
@@ -41,9 +43,18 @@ app.add_typer(site_cmd.app, name="site")
 app.add_typer(site_cmd.machines, name="machine")
 app.add_typer(policy_cmd.app, name="policy")
 app.add_typer(replication_cmd.app, name="replication")
+replication_cmd.app.command("settings")(network_cmd.settings)
+replication_cmd.app.command("nic")(network_cmd.nic)
+replication_cmd.app.command("update")(network_cmd.update)
+app.add_typer(network_cmd.app, name="network")
+app.add_typer(network_cmd.sizes, name="size")
 app.command("status")(replication_cmd.status)
 app.add_typer(replication_cmd.points, name="point")
 app.add_typer(test_failover_cmd.app, name="test-failover")
+app.add_typer(failover_cmd.app, name="failover")
+app.command("reprotect")(failover_cmd.reprotect)
+app.command("failback")(failover_cmd.failback)
+app.add_typer(failover_cmd.migration, name="migration")
 app.add_typer(job_cmd.app, name="job")
 app.add_typer(datastore_cmd.app, name="datastore")
 app.add_typer(worker_cmd.app, name="worker")

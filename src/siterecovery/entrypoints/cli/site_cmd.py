@@ -32,6 +32,34 @@ def add(
         console.print(f"site [bold]{name}[/bold] added ({role}, {kind})")
 
 
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    name: str,
+    capacity_cpus: str = typer.Option(None, help="CPUs the site can run, or 'unlimited'."),
+    capacity_memory: str = typer.Option(
+        None, help="Memory the site can run (64G, 65536 MiB), or 'unlimited'."
+    ),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Change what a site can run (failovers that would not fit are refused)."""
+    from siterecovery.control import networks
+
+    info = networks.update_site_capacity(get_vault(ctx), name, cpus=capacity_cpus, memory=capacity_memory)
+    if json_out:
+        emit_json(info)
+        return
+
+    def cap(value: int | None, unit: str) -> str:
+        return "unlimited" if value is None else f"{value}{unit}"
+
+    console.print(
+        f"site {name}: capacity {cap(info['capacity_cpus'], ' CPUs')}, "
+        f"{cap(info['capacity_memory_mib'], ' MiB')}; in use {info['used_cpus']} CPUs, "
+        f"{info['used_memory_mib']} MiB"
+    )
+
+
 @app.command("list")
 def list_(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -> None:
     """List sites."""
