@@ -105,6 +105,9 @@ class GcStats:
     bytes_removed: int = 0
     chunks_kept_young: int = 0
     temp_files_removed: int = 0
+    packs_rewritten: int = 0  # chunk stores with packs (S3): packs repacked after the sweep
+    packs_removed: int = 0
+    pack_bytes_freed: int = 0
 
 
 class Datastore:
@@ -209,6 +212,38 @@ class Datastore:
             return cls.create(chunks, objects, key)
         return cls.open(chunks, objects, key)
 
+    @classmethod
+    def open_s3(
+        cls,
+        url: str,
+        key: VaultKey,
+        *,
+        create: bool = False,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        pack_size: int | None = None,
+    ) -> Datastore:
+        """A datastore on S3-compatible storage at ``s3://BUCKET/PREFIX?endpoint=URL``: packs
+        under ``PREFIX``, objects under ``PREFIX/objects/``. Credentials default to the AWS
+        environment variables. With ``create``, create the bucket and initialise the datastore
+        if they do not exist yet."""
+        from siterecovery.adapters.chunk_stores.s3 import DEFAULT_PACK_SIZE, S3Location, open_stores
+
+        location = S3Location.from_url(url, access_key=access_key, secret_key=secret_key)
+        size = pack_size or DEFAULT_PACK_SIZE
+        chunks, objects = open_stores(location, create_bucket=create, pack_size=size)
+        try:
+            objects.get(CONFIG_NAME)
+        except ObjectMissing as err:
+            if not create:
+                raise NotFound(
+                    kind="datastore",
+                    name=location.url(),
+                    hint=" Create it first (create=True), or check the bucket, prefix and endpoint.",
+                ) from err
+            return cls.create(chunks, objects, key)
+        return cls.open(chunks, objects, key)
+
     # -- chunks and indexes ---------------------------------------------------------------
 
     def store_chunk(self, plaintext: bytes) -> tuple[bytes, int]:
@@ -227,6 +262,11 @@ class Datastore:
         return self.codec.decode(chunk_id, self.chunks.get(chunk_id))
 
     def index_writer(self, size: int, base: IndexRef | None = None) -> IndexWriter:
+        # A chunk store shared by processes (S3) refreshes its view of what exists, so that a
+        # new point does not dedup against chunks that a gc elsewhere removed.
+        sync = getattr(self.chunks, "sync", None)
+        if sync is not None:
+            sync()
         return IndexWriter(
             self.chunks, self.codec, size, base, chunk_size=self.chunk_size, cache=self.page_cache
         )
@@ -446,7 +486,8 @@ class Datastore:
 
     def gc(self, grace_seconds: float, now: float | None = None) -> GcStats:
         """Remove chunks and pages that no manifest refers to and that are older than the grace
-        period. Also removes temp files of crashed inserts older than the grace period."""
+        period. Also removes temp files of crashed inserts (unindexed packs on S3) older than the
+        grace period, and repacks packs that are mostly garbage if the chunk store has packs."""
         if now is None:
             now = time.time()
         cutoff = now - grace_seconds
@@ -465,6 +506,13 @@ class Datastore:
         cleanup = getattr(self.chunks, "cleanup_temp", None)
         if cleanup is not None:
             stats.temp_files_removed = int(cleanup(cutoff))
+        # A chunk store with packs (S3) frees space only by rewriting packs that are mostly garbage.
+        repack = getattr(self.chunks, "repack", None)
+        if repack is not None:
+            packs = repack()
+            stats.packs_rewritten = int(packs.packs_rewritten)
+            stats.packs_removed = int(packs.packs_removed)
+            stats.pack_bytes_freed = int(packs.bytes_freed)
         return stats
 
     def stats(self) -> dict[str, int]:
