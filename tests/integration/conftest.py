@@ -91,7 +91,7 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
         data: int = 8 * MIB,
         kind: str = "qemu",
         policy: dict[str, Any] | None = None,
-        datastore: Path | None = None,
+        datastore: Path | str | None = None,
         recovery_path: Path | None = None,
         hooks: dict[str, Any] | None = None,
     ) -> Lab:

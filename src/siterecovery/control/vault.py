@@ -8,7 +8,9 @@ An embedded vault is a directory::
     <vault>/run/          worker pid file and log
     <vault>/work/         scratch space for replication (fleecing overlays)
 
-The datastore may live elsewhere (``vault create --datastore PATH``); the database records where.
+The datastore may live elsewhere: another directory (``vault create --datastore PATH``) or
+S3-compatible object storage (``--datastore s3://BUCKET/PREFIX?endpoint=URL``, credentials from
+the standard AWS environment variables); the database records where.
 """
 
 from __future__ import annotations
@@ -46,8 +48,12 @@ class Vault:
     store: Store
     key: VaultKey
     name: str
-    datastore_path: Path
+    datastore_location: str  # a directory, or s3://BUCKET/PREFIX?endpoint=URL
     _datastore: Datastore | None = None
+
+    @property
+    def datastore_path(self) -> str:
+        return self.datastore_location
 
     @property
     def run_dir(self) -> Path:
@@ -60,30 +66,45 @@ class Vault:
     @property
     def datastore(self) -> Datastore:
         if self._datastore is None:
-            self._datastore = Datastore.open_local(self.datastore_path, self.key)
+            self._datastore = _open_datastore(self.datastore_location, self.key)
         return self._datastore
 
     def close(self) -> None:
         self.store.close()
 
 
+def is_s3(location: str | Path | None) -> bool:
+    return str(location or "").startswith("s3://")
+
+
+def _open_datastore(location: str, key: VaultKey, create: bool = False) -> Datastore:
+    if is_s3(location):
+        return Datastore.open_s3(location, key, create=create)
+    return Datastore.open_local(Path(location), key, create=create)
+
+
 def db_url(root: Path) -> str:
     return os.environ.get("SITERECOVERY_DB_URL") or f"sqlite:///{root / 'vault.db'}"
 
 
-def create_vault(root: Path, name: str, datastore: Path | None = None) -> Vault:
+def create_vault(root: Path, name: str, datastore: str | Path | None = None) -> Vault:
     check_name("vault", name)
     root = root.expanduser().resolve()
     if (root / "vault.key").exists() or (root / "vault.db").exists():
         raise AlreadyExists(kind="vault", name=str(root), hint=" Use it, or choose another --vault path.")
-    ds_path = (datastore or root / "datastore").expanduser().resolve()
+    if is_s3(datastore):
+        location = str(datastore)
+    else:
+        ds_path = Path(datastore or root / "datastore").expanduser().resolve()
+        ds_path.mkdir(parents=True, exist_ok=True)
+        location = str(ds_path)
+    key = VaultKey.generate()
+    # The datastore first: an unreachable S3 endpoint must not leave half a vault behind.
+    _open_datastore(location, key, create=True)
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("run", "work"):
         (root / sub).mkdir(exist_ok=True)
-    key = VaultKey.generate()
     key.save(root / "vault.key")
-    ds_path.mkdir(parents=True, exist_ok=True)
-    Datastore.open_local(ds_path, key, create=True)
     store = Store(db_url(root))
     with store.uow() as s:
         s.add(
@@ -91,11 +112,11 @@ def create_vault(root: Path, name: str, datastore: Path | None = None) -> Vault:
                 id=1,
                 name=name,
                 created_at=time.time(),
-                datastore=str(ds_path),
+                datastore=location,
                 key_fingerprint=key.fingerprint(),
             )
         )
-    return Vault(root=root, store=store, key=key, name=name, datastore_path=ds_path)
+    return Vault(root=root, store=store, key=key, name=name, datastore_location=location)
 
 
 def open_vault(root: Path) -> Vault:
@@ -116,4 +137,4 @@ def open_vault(root: Path) -> Vault:
                 f"the key in {root / 'vault.key'} does not belong to vault {row.name!r}; restore the "
                 "vault's own key file."
             )
-        return Vault(root=root, store=store, key=key, name=row.name, datastore_path=Path(row.datastore))
+        return Vault(root=root, store=store, key=key, name=row.name, datastore_location=row.datastore)

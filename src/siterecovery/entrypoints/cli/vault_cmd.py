@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from siterecovery.control.vault import create_vault
@@ -17,7 +15,11 @@ app = typer.Typer(help="Create and inspect the vault.", no_args_is_help=True)
 def create(
     ctx: typer.Context,
     name: str,
-    datastore: Path = typer.Option(None, help="Datastore directory (default: <vault>/datastore)."),
+    datastore: str = typer.Option(
+        None,
+        help="Datastore directory (default: <vault>/datastore) or s3://BUCKET/PREFIX?endpoint=URL "
+        "(credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).",
+    ),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create a vault: database, vault key (0600) and an empty datastore."""
