@@ -612,33 +612,7 @@ def test_every_list_command_prints_json(protected: Lab) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The end of the flow: disable replication, then stop the worker (must stay last in this file)
-
-
-def test_replication_disable_removes_item_and_worker_keeps_running(protected: Lab) -> None:
-    worker_before = protected.cli("worker", "status", "--json").json()
-    log = protected.vault / "run" / "worker.log"
-    log_start = log.stat().st_size
-    protected.cli("replication", "disable", "vm1")
-    assert protected.cli("status", "--json").json() == []
-    protected.cli("point", "list", "vm1", expect=NOT_FOUND)
-    # The worker's schedule forgets the item and carries on.
-    time.sleep(1.0)
-    assert protected.cli("worker", "status", "--json").json() == worker_before
-    with log.open() as f:
-        f.seek(log_start)
-        log_lines = f.read().splitlines()
-    assert not [line for line in log_lines if "failed" in line or "Traceback" in line]
-
-
-def test_worker_stop_stops_it(protected: Lab) -> None:
-    assert "worker stopped" in protected.cli("worker", "stop").stdout
-    assert protected.cli("worker", "status", "--json").json() == {"running": False, "pid": None}
-    assert "worker was not running" in protected.cli("worker", "stop").stdout
-
-
-# ---------------------------------------------------------------------------------------------
-# Failover and back (last: it moves vm1 around and leaves it protected forward again)
+# Failover and back (it moves vm1 around and leaves it protected forward again)
 
 
 def test_failover_commit_reprotect_failback_and_back_through_the_cli(protected: Lab) -> None:
@@ -672,3 +646,29 @@ def test_failover_commit_reprotect_failback_and_back_through_the_cli(protected: 
     assert (item["state"], item["direction"], item["policy"]) == ("Protected", "forward", "fast")
     kinds = [j["kind"] for j in protected.cli("job", "list", "--json").json()[:6]]
     assert kinds == ["reprotect", "commit-failover", "failover", "reprotect", "commit-failover", "failover"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of the flow: disable replication, then stop the worker (must stay last in this file)
+
+
+def test_replication_disable_removes_item_and_worker_keeps_running(protected: Lab) -> None:
+    worker_before = protected.cli("worker", "status", "--json").json()
+    log = protected.vault / "run" / "worker.log"
+    log_start = log.stat().st_size
+    protected.cli("replication", "disable", "vm1")
+    assert protected.cli("status", "--json").json() == []
+    protected.cli("point", "list", "vm1", expect=NOT_FOUND)
+    # The worker's schedule forgets the item and carries on.
+    time.sleep(1.0)
+    assert protected.cli("worker", "status", "--json").json() == worker_before
+    with log.open() as f:
+        f.seek(log_start)
+        log_lines = f.read().splitlines()
+    assert not [line for line in log_lines if "failed" in line or "Traceback" in line]
+
+
+def test_worker_stop_stops_it(protected: Lab) -> None:
+    assert "worker stopped" in protected.cli("worker", "stop").stdout
+    assert protected.cli("worker", "status", "--json").json() == {"running": False, "pid": None}
+    assert "worker was not running" in protected.cli("worker", "stop").stdout

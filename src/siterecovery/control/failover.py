@@ -90,7 +90,10 @@ def _control(kind: str, spec: dict[str, Any], work_dir: Path) -> Any:
     from siterecovery.adapters.compute.qemu import QemuMachineControl
 
     return QemuMachineControl(
-        spec["qmp"], {d["name"]: d["node"] for d in spec["disks"]}, work_dir / "control"
+        spec["qmp"],
+        {d["name"]: d["node"] for d in spec["disks"]},
+        work_dir / "control",
+        nbd_socket=spec.get("nbd"),
     )
 
 
