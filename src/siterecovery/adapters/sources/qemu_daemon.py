@@ -82,13 +82,25 @@ def _check_socket_path(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while any thread of process ``pid`` still runs.
+
+    The main thread of a multi-threaded process that is exiting shows as a zombie before its
+    other threads have finished (they may still hold the images' locks), so every task counts.
+    """
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    # The state letter follows the parenthesised command name; a zombie has exited.
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The state letter follows the parenthesised command name; a zombie has exited.
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 class MachineDaemon:
