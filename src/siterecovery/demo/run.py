@@ -1,12 +1,22 @@
-"""``siterecovery demo``: the whole foundation in one run, checked against ground truth.
+"""``siterecovery demo``: the whole life of protected machines in one run, checked against ground truth.
 
 A throwaway vault; three machines with two qcow2 disks each, partly filled with real data, each
 owned by a qemu-storage-daemon that stands in for the VM; a workload writing verifiable blocks
-to every machine (about 1 MB/s each); replication enabled with a 15 s crash-consistent
-frequency; RPO sampled every second while it runs; then a test failover of each machine, whose
-recovered disks are verified block by block against the workload's log (which proves the point
-byte-exact and crash-consistent across both disks), and cleanup. Every figure in the report is
-measured in this run.
+to every machine (about 1 MB/s each, in the first half of each disk's workload region);
+replication enabled with a 15 s crash-consistent frequency; RPO sampled every second while it
+runs; then a test failover of each machine, whose recovered disks are verified block by block
+against the workload's log (which proves the point byte-exact and crash-consistent across both
+disks), and cleanup. Then the life after a disaster (:mod:`siterecovery.demo.lifecycle`): a
+planned failover of the first machine, an unplanned failover of the second, writes at the
+recovery site (second halves), commit, reprotect, failback and reprotect again, each verified
+against the workloads' logs. Every figure in the report is measured in this run.
+
+Report (JSON): machines, rpo_seconds {p50, p95, max, samples}, checks [{name, passed, detail}],
+bytes_replicated, bytes_stored, recovery_points, initial_replication_seconds,
+test_failover_seconds {machine: s}, rto_seconds {"<m> planned failover" | "<m> unplanned
+failover" | "<m> failback": s}, data_loss_bytes {same keys: bytes}, reprotect_bytes_sent {"<m>" |
+"<m> (after failback)": {bytes_sent, bytes_compared, disk_bytes}}, lifecycle_seconds,
+logical_bytes_protected, duration_seconds.
 """
 
 from __future__ import annotations
@@ -27,11 +37,18 @@ from rich.live import Live
 from rich.table import Table
 
 from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
-from siterecovery.control import jobs, policies, protection, sites, test_failover
+from siterecovery.control import jobs, networks, policies, protection, sites, test_failover
 from siterecovery.control.maintenance import run_verify
 from siterecovery.control.vault import Vault, create_vault
 from siterecovery.control.worker import ensure_worker, stop_worker
 from siterecovery.demo.fabric import fill_image, load_base, write_inventory
+from siterecovery.demo.lifecycle import (
+    Lifecycle,
+    LifecycleFailed,
+    LifecycleMachine,
+    LifecycleReport,
+    split_regions,
+)
 from siterecovery.demo.verify import disk_specs, nbd_reader, verify_machine
 from siterecovery.demo.workload import Workload
 from siterecovery.domain.durations import parse_duration
@@ -50,6 +67,8 @@ class DemoConfig:
     rate_bytes_s: float = 1_000_000
     crash_frequency: str = "15s"
     steady_seconds: float = 60.0
+    lifecycle: bool = True  # failover, reprotect and failback of the first two machines
+    recovery_write_seconds: float = 20.0
     workdir: Path | None = None
     keep: bool = False
 
@@ -62,6 +81,18 @@ class DemoResult:
     @property
     def passed(self) -> bool:
         return all(c["passed"] for c in self.checks)
+
+
+class PointLedger:
+    """Every recovery point seen during the run (commit releases points; the report counts them all)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+
+    def observe(self, vault: Vault, names: list[str]) -> None:
+        for name in names:
+            for p in protection.list_points(vault, name):
+                self.sent[p["id"]] = p["sent_bytes"]
 
 
 class Checks:
@@ -116,6 +147,9 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
     workloads: dict[str, Workload] = {}
     vault: Vault | None = None
     rto: dict[str, float] = {}
+    life = LifecycleReport()
+    ledger = PointLedger()
+    lifecycle_names: list[str] = []
     t_start = time.monotonic()
     try:
         console.rule("[bold]siterecovery demo")
@@ -126,17 +160,17 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
             f"({cfg.data_bytes // MIB} MiB of real data each)"
         )
         inventory = []
-        regions: dict[str, dict[str, tuple[int, int]]] = {}
+        full_regions: dict[str, dict[str, tuple[int, int]]] = {}
         images: dict[str, dict[str, Path]] = {}
         for m_i, name in enumerate(names):
             images[name] = {}
-            regions[name] = {}
+            full_regions[name] = {}
             for d_i, disk in enumerate(DISKS):
                 img = root / "primary" / "disks" / f"{name}-{disk}.qcow2"
                 img.parent.mkdir(parents=True, exist_ok=True)
                 base = fill_image(img, cfg.disk_size, cfg.data_bytes, seed=m_i * 10 + d_i, fmt="qcow2")
                 images[name][disk] = img
-                regions[name][disk] = base.workload_region
+                full_regions[name][disk] = base.workload_region
             daemons[name] = MachineDaemon.start(root / "primary" / "run" / name, images[name])
             inventory.append(
                 {
@@ -159,11 +193,17 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
             )
         inv_path = root / "primary" / "inventory.toml"
         write_inventory(inv_path, inventory)
+        # The primary-phase workloads write the first half of each workload region; the second
+        # half is for the writes made at the recovery site after a failover (own log each).
+        halves = {n: split_regions(full_regions[n]) for n in names}
+        regions = {n: halves[n][0] for n in names}
 
         # 2. Vault, sites, policy.
         vault = create_vault(root / "vault", "demo")
         sites.add_site(vault, "primary", "qemu", "primary", inv_path, None)
         sites.add_site(vault, "recovery", "qemu", "recovery", None, root / "recovery")
+        # The machines' NICs are on "prod": enabling maps it to the recovery site ("prod-asr").
+        networks.add_network(vault, "prod", site="primary", subnets=["default=10.10.0.0/24"])
         found = sites.discover(vault, "primary")
         checks.add(
             "discovery", sorted(found["added"]) == sorted(names), f"discovered {', '.join(found['added'])}"
@@ -263,10 +303,51 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
                 f"job {cfinal['state']}, test machine removed: {not tdir.exists()}, item state {state}",
             )
 
-        # 7. Stop the guests, check the source disks themselves, and verify the datastore.
+        # 7. The life after a disaster: failover, writes at the recovery site, commit, reprotect,
+        # failback and reprotect again of the first two machines.
+        if cfg.lifecycle:
+            lifecycle_names = names[:2]
+            members = [
+                LifecycleMachine(
+                    name=n,
+                    images=images[n],
+                    first_half=halves[n][0],
+                    second_half=halves[n][1],
+                    daemon=daemons[n],
+                    workload=workloads[n],
+                    seed=1000 + names.index(n),
+                )
+                for n in lifecycle_names
+            ]
+            act = Lifecycle(
+                vault=vault,
+                root=root,
+                console=console,
+                checks=checks,
+                rate_bytes_s=cfg.rate_bytes_s,
+                crash_interval_s=_seconds(cfg.crash_frequency),
+                recovery_write_seconds=cfg.recovery_write_seconds,
+                follow=lambda title, done: _follow(console, vault, title, done, names),
+                observe=lambda: ledger.observe(vault, names),
+                report=life,
+            )
+            try:
+                act.run(members[0], members[1] if len(members) > 1 else None)
+            except LifecycleFailed as err:
+                console.print(f"[red]the lifecycle stopped: {err}[/red]")
+            finally:
+                # Recovery-site workloads are stopped with the others (below, and on any error).
+                for m in members:
+                    if m.recovery_workload is not None:
+                        workloads[f"{m.name}@recovery"] = m.recovery_workload
+
+        # 8. Stop the guests, check the source disks themselves, and verify the datastore.
         for wl in workloads.values():
-            wl.stop()
+            if wl.is_alive():
+                wl.stop()
         for name in names:
+            if name in lifecycle_names:
+                continue  # checked after the failback, against both logs
             with nbd_reader(Path(daemons[name].nbd_socket), list(DISKS)) as reader:
                 res = verify_machine(
                     reader,
@@ -297,17 +378,18 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
             f"p95 {rpo['p95']}s (limit {limit:.0f}s with a {cfg.crash_frequency} crash-consistent "
             f"frequency), p50 {rpo['p50']}s, max {rpo['max']}s over {len(all_rpo)} samples",
         )
-        points = [p for n in names for p in protection.list_points(vault, n)]
+        ledger.observe(vault, names)
         stats = vault.datastore.stats()
         result = {
             "machines": len(names),
             "rpo_seconds": rpo,
             "checks": checks.items,
-            "bytes_replicated": sum(p["sent_bytes"] for p in points),
+            "bytes_replicated": sum(ledger.sent.values()),
             "bytes_stored": int(stats.get("stored_bytes", 0)),
-            "recovery_points": len(points),
+            "recovery_points": len(ledger.sent),
             "initial_replication_seconds": round(initial_s, 2),
             "test_failover_seconds": {n: round(v, 2) for n, v in rto.items()},
+            **life.to_json(),
             "logical_bytes_protected": len(names) * len(DISKS) * cfg.disk_size,
             "duration_seconds": round(time.monotonic() - t_start, 1),
         }
@@ -322,6 +404,7 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
                 "checks": checks.items,
                 "bytes_replicated": 0,
                 "bytes_stored": 0,
+                **life.to_json(),
             },
             checks=checks.items,
         )
@@ -332,13 +415,17 @@ def _run(cfg: DemoConfig, root: Path, console: Console) -> DemoResult:
                     wl.stop()
         if vault is not None:
             with contextlib.suppress(Exception):
+                stop_worker(vault)
+            with contextlib.suppress(Exception):
                 for name in names:
                     tf = protection.status(vault, name)[0]["test_failover"]
                     if tf and tf.get("dir"):
                         test_failover._remove_test_machine(Path(tf["dir"]))
-            with contextlib.suppress(Exception):
-                stop_worker(vault)
             vault.close()
+        # Machines a failover started at the recovery site and the run left behind.
+        for run_dir in (root / "recovery" / "machines").glob("*/run"):
+            with contextlib.suppress(Exception):
+                MachineDaemon.attach(run_dir).stop()
         for d in daemons.values():
             with contextlib.suppress(Exception):
                 d.stop()
@@ -446,6 +533,12 @@ def _summary(console: Console, result: dict[str, Any], names: list[str], vault: 
     t.add_row("bytes replicated (sent)", f"{result['bytes_replicated'] / MIB:.1f} MiB")
     t.add_row("bytes stored", f"{result['bytes_stored'] / MIB:.1f} MiB")
     t.add_row("recovery points", str(result["recovery_points"]))
+    for key, secs in result.get("rto_seconds", {}).items():
+        loss = result.get("data_loss_bytes", {}).get(key)
+        t.add_row(f"{key}: RTO / data loss", f"{secs}s / {'-' if loss is None else f'{loss / MIB:.2f} MiB'}")
+    for key, sent in result.get("reprotect_bytes_sent", {}).items():
+        share = sent["bytes_sent"] / max(sent["disk_bytes"], 1)
+        t.add_row(f"reprotect {key}: sent", f"{sent['bytes_sent'] / MIB:.1f} MiB ({share:.1%} of the disks)")
     passed = sum(c["passed"] for c in result["checks"])
     t.add_row("checks", f"{passed}/{len(result['checks'])} passed")
     console.print(t)

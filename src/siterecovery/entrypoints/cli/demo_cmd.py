@@ -1,4 +1,5 @@
-"""``siterecovery demo``: a throwaway vault, three machines under load, replication and a drill."""
+"""``siterecovery demo``: a throwaway vault, three machines under load, replication, drills, and
+the whole life of two of them: failover, commit, reprotect, failback, reprotect again."""
 
 from __future__ import annotations
 
