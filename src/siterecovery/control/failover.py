@@ -171,8 +171,8 @@ def _space_needed(vault: Any, refs: dict[str, IndexRef]) -> int:
 
 def site_full(where: Path | str, detail: str) -> StorageFull:
     return StorageFull(
-        f"no space left on the target site at {where}: {detail}. Free space there or give the "
-        "site a path with more room; the recovery points are intact.",
+        f"no space left on the recovery site at {where}: {detail}. Free space there or give the "
+        "recovery site a path with more room; the recovery points are intact.",
         where=str(where),
         detail=detail,
     )

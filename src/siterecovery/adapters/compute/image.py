@@ -78,7 +78,8 @@ class NbdDiskWriter:
             )
 
     def _fail(self, what: str, err: nbd.Error) -> SourceError:
-        if err.errno == errno.ENOSPC:
+        # libnbd does not always carry the server's errno: its message names it.
+        if err.errno == errno.ENOSPC or "ENOSPC" in str(err):
             return StorageFull(where=f"NBD export {self.export_name!r}", detail=f"{what}: {err}")
         return SourceError(f"NBD {what} on export {self.export_name!r} ({self.socket_path}) failed: {err}.")
 
