@@ -373,3 +373,91 @@ def test_failover_refuses_a_taken_address_or_a_full_site_before_anything_changes
     job = lab.run_job(failover.request_failover(lab.vault, "vm2", planned=True)["job"])
     assert job["state"] == "Succeeded", job["error"]
     assert lab.item("vm2")["recovered_machine"]["nics"][0]["ip"] == "10.0.0.11"
+
+
+def test_unplanned_failover_works_when_the_primary_cannot_be_reached(lab_factory):
+    lab = lab_factory()
+    lab.enable("vm1")
+    latest = protection.list_points(lab.vault, "vm1")[0]["id"]
+    lab.machines["vm1"].daemon.kill()  # the primary site is gone
+    # A planned failover needs the source: it fails at its prerequisites and changes nothing.
+    job = lab.run_job(failover.request_failover(lab.vault, "vm1", planned=True)["job"])
+    assert job["state"] == "Failed" and "does not answer" in job["error"] and "unplanned" in job["error"]
+    assert [s["state"] for s in job["steps"]][:2] == ["Failed", "NotStarted"]
+    st = lab.item("vm1")
+    assert st["state"] == "Protected" and st["recovered_machine"] is None
+    job = lab.run_job(failover.request_failover(lab.vault, "vm1", planned=False, point="latest")["job"])
+    assert job["state"] == "Succeeded", job["error"]
+    res = job["result"]
+    assert res["source_stopped"] is False and "source_stop_error" in res
+    assert res["pending_processed"] is False and res["point_id"] == latest
+    assert lab.item("vm1")["state"] == "FailedOver"
+
+
+def test_operations_a_failed_over_item_does_not_allow_are_refused_and_disable_keeps_the_machine(lab_factory):
+    from siterecovery.control import test_failover
+
+    lab = lab_factory()
+    lab.enable("vm1")
+    assert (
+        lab.run_job(failover.request_failover(lab.vault, "vm1", planned=True)["job"])["state"] == "Succeeded"
+    )
+    for fn, args in (
+        (failover.request_failover, {"planned": True}),
+        (failover.request_reprotect, {}),
+        (failover.request_complete_migration, {}),
+        (protection.request_resync, {}),
+        (test_failover.start_test_failover, {}),
+    ):
+        msg = _refused(fn, lab.vault, "vm1", **args)
+        assert "state FailedOver" in msg and "change-recovery-point, commit, cancel-failover, disable" in msg
+    rec = lab.item("vm1")["recovered_machine"]
+    info = protection.disable_replication(lab.vault, "vm1", keep_points=False)
+    assert lab.run_job(info["job"])["state"] == "Succeeded"
+    with pytest.raises(NotFound):
+        lab.item("vm1")
+    # Disabling replication stops protecting the machine; it does not take it down.
+    assert _digest_nbd(rec["nbd_socket"], ["disk0"])
+    from siterecovery.adapters.db.models import IpAllocationRow
+
+    with lab.vault.store.uow() as s:
+        assert s.scalars(select(IpAllocationRow)).all() == []
+
+
+def test_complete_migration_after_a_committed_failover_keeps_the_machine(lab_factory):
+    lab = lab_factory()
+    lab.enable("vm1")
+    assert (
+        lab.run_job(failover.request_failover(lab.vault, "vm1", planned=True)["job"])["state"] == "Succeeded"
+    )
+    assert lab.run_job(failover.request_commit(lab.vault, "vm1")["job"])["state"] == "Succeeded"
+    msg = _refused(failover.request_commit, lab.vault, "vm1")
+    assert "state FailoverCommitted" in msg and "reprotect" in msg
+    job = lab.run_job(failover.request_complete_migration(lab.vault, "vm1")["job"])
+    assert job["state"] == "Succeeded", job["error"]
+    st = lab.item("vm1")
+    assert st["state"] == "Migrated" and st["allowed_operations"] == []
+    assert protection.list_points(lab.vault, "vm1") == []
+    assert _digest_nbd(st["recovered_machine"]["nbd_socket"], ["disk0"])
+    msg = _refused(failover.request_reprotect, lab.vault, "vm1")
+    assert "no longer protected" in msg
+
+
+def test_resync_compares_every_chunk_and_sends_only_what_differs(lab_factory):
+    lab = lab_factory()
+    lab.enable("vm1")
+    m = lab.machines["vm1"]
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///disk1?socket={m.daemon.nbd_socket}")
+    h.pwrite(b"\x5a" * CHUNK, m.regions["disk1"][0])
+    h.flush()
+    h.shutdown()
+    info = protection.request_resync(lab.vault, "vm1")
+    assert lab.item("vm1")["state"] == "Resynchronizing"
+    job = lab.run_job(info["job"])
+    assert job["state"] == "Succeeded", job["error"]
+    res = job["result"]
+    assert res["method"] == "hash-resync"
+    assert res["bytes_read"] >= 16 * MIB  # every data chunk is read and hashed...
+    assert 0 < res["bytes_sent"] <= 2 * CHUNK  # ...and only the changed one travels
+    assert lab.item("vm1")["state"] == "Protected"

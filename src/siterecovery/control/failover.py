@@ -48,7 +48,7 @@ from siterecovery.bootstrap import source_for
 from siterecovery.control import jobs, networks
 from siterecovery.control.jobs import JobContext, handler, new_job
 from siterecovery.control.maintenance import datastore_lock
-from siterecovery.control.protection import get_item, refuse_if_busy, resolve_point
+from siterecovery.control.protection import begin_for, get_item, refuse_if_busy, resolve_point
 from siterecovery.control.replication import (
     item_lock,
     latest_point,
@@ -58,7 +58,7 @@ from siterecovery.control.replication import (
 )
 from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.materialize import materialize_disk
-from siterecovery.domain.states import Direction, ItemState, Operation, begin
+from siterecovery.domain.states import Direction, ItemState, Operation
 from siterecovery.errors import InvalidInput, OperationNotAllowed, SiteRecoveryError, StorageFull
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def request_failover(
     with vault.store.uow() as s:
         item = get_item(s, item_name)
         state = ItemState(item.state)
-        entered = begin(state, op, item=item_name)
+        entered = begin_for(item, op)
         refuse_if_busy(s, item)
         direction = Direction(item.direction)
         source_kind = item.source_site.kind if direction is Direction.FORWARD else item.recovery_site.kind
@@ -654,7 +654,7 @@ def _rollback_failover(
         remove_machine(machine_dir(info["recovery_path"], name))
         shutil.rmtree(work_dir_for(vault, name, "reverse"), ignore_errors=True)
     result = _read_item(vault, ctx)["result"]
-    if params.get("shutdown_source") and result.get("source_stopped", True):
+    if result.get("source_stopped") is True:
         try:
             _resume_writes(vault, info, params["direction"])
         except Exception as resume_err:  # say so; the failover error stays the job's error
@@ -677,7 +677,7 @@ def _rollback_failover(
 def request_change_point(vault: Any, item_name: str, point: str) -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        entered = begin(item.state, Operation.CHANGE_RECOVERY_POINT, item=item_name)
+        entered = begin_for(item, Operation.CHANGE_RECOVERY_POINT)
         refuse_if_busy(s, item)
         which = "latest" if point == "latest-processed" else point
         p = resolve_point(s, item, which)
@@ -789,8 +789,7 @@ def _finish_change(vault: Any, name: str, point_info: dict[str, Any], spec: dict
 def request_cancel(vault: Any, item_name: str) -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        planned = bool((item.failover or {}).get("planned"))
-        entered = begin(item.state, Operation.CANCEL_FAILOVER, item=item_name, planned_failover=planned)
+        entered = begin_for(item, Operation.CANCEL_FAILOVER)
         refuse_if_busy(s, item)
         job = new_job(
             s,
@@ -844,7 +843,7 @@ def run_cancel(ctx: JobContext) -> None:
 def request_commit(vault: Any, item_name: str) -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        entered = begin(item.state, Operation.COMMIT, item=item_name)
+        entered = begin_for(item, Operation.COMMIT)
         refuse_if_busy(s, item)
         steps = ["Release other recovery points", "Complete commit"]
         if item.direction == Direction.REVERSE.value:
@@ -921,7 +920,7 @@ def _remove_recovered(vault: Any, info: dict[str, Any]) -> None:
 def request_reprotect(vault: Any, item_name: str) -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        entered = begin(item.state, Operation.REPROTECT, item=item_name)
+        entered = begin_for(item, Operation.REPROTECT)
         refuse_if_busy(s, item)
         to_reverse = item.direction == Direction.FORWARD.value
         if to_reverse:
@@ -1077,7 +1076,7 @@ def request_complete_migration(vault: Any, item_name: str) -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
         state = ItemState(item.state)
-        begin(state, Operation.COMPLETE_MIGRATION, item=item_name)
+        begin_for(item, Operation.COMPLETE_MIGRATION)
         refuse_if_busy(s, item)
         if item.direction != Direction.FORWARD.value:
             raise OperationNotAllowed(

@@ -37,6 +37,13 @@ def get_item(session: Any, name: str) -> ItemRow:
     return row
 
 
+def begin_for(item: ItemRow, op: Operation) -> ItemState:
+    """Start ``op`` on ``item`` (see ``domain.states.begin``); refusals list exactly the
+    operations the item allows, cancel-failover included when its failover was planned."""
+    planned = bool((item.failover or {}).get("planned"))
+    return begin(item.state, op, item=item.name, planned_failover=planned)
+
+
 def find_machine(session: Any, name: str, site: str | None) -> MachineRow:
     q = select(MachineRow).join(SiteRow).where(MachineRow.name == name, SiteRow.role == "primary")
     if site:
@@ -389,8 +396,7 @@ def refuse_if_busy(session: Any, item: ItemRow, ignore_kinds: tuple[str, ...] = 
 def disable_replication(vault: Any, item_name: str, *, keep_points: bool = False) -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        state = ItemState(item.state)
-        begin(state, Operation.DISABLE, item=item_name)
+        begin_for(item, Operation.DISABLE)
         # Disabling cancels a running initial replication; any other job must end first.
         refuse_if_busy(s, item, ignore_kinds=("enable-replication",))
         if item.test_failover:
@@ -472,3 +478,45 @@ def run_disable(ctx: JobContext) -> None:
                 item = s.get(ItemRow, item_id)
                 if item is not None:
                     s.delete(item)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resynchronize
+
+
+def request_resync(vault: Any, item_name: str) -> dict[str, Any]:
+    """Queue a resynchronization: read every disk and send the chunks whose hashes differ from
+    the latest point (for when the replica is in doubt or change tracking cannot be trusted)."""
+    with vault.store.uow() as s:
+        item = get_item(s, item_name)
+        entered = begin_for(item, Operation.RESYNC)
+        refuse_if_busy(s, item)
+        job = new_job(s, "resync", item_name, ["Resynchronize", "Resume replication"], item_id=item.id)
+        item.state = entered.value
+        return {"item": item_name, "job": job.id}
+
+
+@handler("resync")
+def run_resync(ctx: JobContext) -> None:
+    with ctx.vault.store.uow() as s:
+        item = s.get(ItemRow, jobs.get_job(s, ctx.job_id).item_id)
+        assert item is not None
+        name = item.name
+    try:
+        with ctx.step("Resynchronize") as run:
+            if run:
+                r = take_point(ctx.vault, name, resync=True, cancel=ctx.cancel)
+                ctx.set_result(
+                    point_id=r.point_id,
+                    method=r.method,
+                    bytes_read=r.stats.bytes_read,
+                    bytes_sent=r.stats.bytes_sent,
+                )
+    except InterruptedError:
+        raise
+    except Exception:
+        _set_state(ctx.vault, name, ItemState.PROTECTED)
+        raise
+    with ctx.step("Resume replication") as run:
+        if run:
+            _set_state(ctx.vault, name, ItemState.PROTECTED)

@@ -135,10 +135,13 @@ def take_point(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     direction: str | None = None,
+    resync: bool = False,
 ) -> CycleResult:
     """Run one replication cycle for the item and record the recovery point it made.
 
-    ``direction`` (default: the item's) says which machine is read: ``forward`` the machine at
+    ``resync`` compares every chunk's hash with the previous point instead of trusting change
+    tracking (sends only what differs). ``direction`` (default: the item's) says which machine
+    is read: ``forward`` the machine at
     the primary site, ``reverse`` the machine running at the recovery site after a failover (a
     reprotect takes its first reverse point before the item's direction changes).
     """
@@ -176,6 +179,7 @@ def take_point(
             t0,
             direction,
             work_dir,
+            resync,
         )
 
 
@@ -197,6 +201,7 @@ def _cycle(
     t0: float,
     direction: str,
     work_dir: Path,
+    resync: bool = False,
 ) -> CycleResult:
     hooks = spec.get("hooks") or {}
     timeout = float(hooks.get("timeout_s") or 60)
@@ -244,7 +249,7 @@ def _cycle(
 
             for name in disks:
                 view = snap.disks[name]
-                changed = view.changed_extents()
+                changed = None if resync else view.changed_extents()
                 base = base_refs.get(name)
                 resume_offset: int | None = None
                 if initial and name in ckpt_disks:

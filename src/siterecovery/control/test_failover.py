@@ -24,10 +24,10 @@ from siterecovery.control import jobs, networks
 from siterecovery.control.failover import site_full
 from siterecovery.control.jobs import JobContext, handler, new_job
 from siterecovery.control.maintenance import datastore_lock
-from siterecovery.control.protection import get_item, refuse_if_busy, resolve_point
+from siterecovery.control.protection import begin_for, get_item, refuse_if_busy, resolve_point
 from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.materialize import materialize_disk
-from siterecovery.domain.states import ItemState, Operation, begin
+from siterecovery.domain.states import ItemState, Operation
 from siterecovery.errors import StorageFull
 
 START_STEPS = ["Prerequisites check", "Create test machine", "Start test machine"]
@@ -38,7 +38,7 @@ def start_test_failover(vault: Any, item_name: str, point: str = "latest") -> di
     with vault.store.uow() as s:
         item = get_item(s, item_name)
         state = ItemState(item.state)
-        entered = begin(state, Operation.TEST_FAILOVER, item=item_name)
+        entered = begin_for(item, Operation.TEST_FAILOVER)
         refuse_if_busy(s, item)
         p = resolve_point(s, item, point)
         # Size, room, NICs and test addresses are checked (and the addresses taken, the test
@@ -225,7 +225,7 @@ def _remove_test_machine(tdir: Path) -> None:
 def cleanup_test_failover(vault: Any, item_name: str, notes: str = "") -> dict[str, Any]:
     with vault.store.uow() as s:
         item = get_item(s, item_name)
-        entered = begin(ItemState(item.state), Operation.TEST_FAILOVER_CLEANUP, item=item_name)
+        entered = begin_for(item, Operation.TEST_FAILOVER_CLEANUP)
         refuse_if_busy(s, item)
         job = new_job(
             s,

@@ -124,3 +124,21 @@ def point_list(ctx: typer.Context, item: str, json_out: bool = typer.Option(Fals
             size(d["stored_bytes"]),
         ],
     )
+
+
+@app.command("resync")
+def resync(
+    ctx: typer.Context,
+    item: str,
+    wait: bool = typer.Option(True, help="Follow the job until it ends."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Resynchronize: read every disk, send only the chunks that differ from the latest point."""
+    vault = get_vault(ctx)
+    info = protection.request_resync(vault, item)
+    final = finish_job(vault, info["job"], wait, json_out, info)
+    if wait and not json_out:
+        res = final.get("result") or {}
+        console.print(
+            f"{item} resynchronized: read {res.get('bytes_read', 0)} bytes, sent {res.get('bytes_sent', 0)}"
+        )
