@@ -186,8 +186,17 @@ def fill_image(
                 os.fsync(out.fileno())
         else:
             _run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CHUNK_SIZE}",
-                 str(tmp), str(size)],
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    f"cluster_size={CHUNK_SIZE}",
+                    str(tmp),
+                    str(size),
+                ],
                 what=f"creating {path.name}",
             )
             import nbd  # Debian's python3-libnbd; only the qcow2 path needs it

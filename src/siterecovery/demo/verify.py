@@ -195,15 +195,19 @@ def verify_machine(
         elif got.seq > last_logged:
             pass  # an unlogged write overwrote it; counted below
         else:
-            problems.add(f"{name} offset {offset:#x}: expected seq {want}, found seq {got.seq}"
-                         f"{' (older: rolled back)' if got.seq < want else ''}")
+            problems.add(
+                f"{name} offset {offset:#x}: expected seq {want}, found seq {got.seq}"
+                f"{' (older: rolled back)' if got.seq < want else ''}"
+            )
     for name, spec in disks.items():
         for offset, got in scans[name].found.items():
             if got.seq > last_logged:
                 other = unlogged_seen.get(got.seq)
                 if other is not None:
-                    problems.add(f"{name} offset {offset:#x}: seq {got.seq} also found at {other[0]} "
-                                 f"offset {other[1]:#x}; a write happens once")
+                    problems.add(
+                        f"{name} offset {offset:#x}: seq {got.seq} also found at {other[0]} "
+                        f"offset {other[1]:#x}; a write happens once"
+                    )
                 unlogged_seen[got.seq] = (name, offset)
             elif (spec.index, offset) not in expected:
                 rec = records[got.seq - 1]

@@ -409,10 +409,21 @@ class Workload:
 
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "siterecovery.demo.workload",
-            "--nbd", str(self.nbd_socket), "--log", str(self.log_path),
-            "--rate", repr(float(self.rate_bytes_s)), "--seed", str(self.seed),
-            "--tag", self.machine_tag, "--flush-interval", repr(self.flush_interval_s),
+            sys.executable,
+            "-m",
+            "siterecovery.demo.workload",
+            "--nbd",
+            str(self.nbd_socket),
+            "--log",
+            str(self.log_path),
+            "--rate",
+            repr(float(self.rate_bytes_s)),
+            "--seed",
+            str(self.seed),
+            "--tag",
+            self.machine_tag,
+            "--flush-interval",
+            repr(self.flush_interval_s),
         ]
         for name, (start, end) in self.disks.items():
             cmd += ["--disk", f"{name}:{start}:{end}"]

@@ -105,4 +105,3 @@ def delete(ctx: typer.Context, name: str) -> None:
     """Delete an unused policy (and its failback twin)."""
     policies.delete_policy(get_vault(ctx), name)
     console.print(f"policy {name} deleted")
-
