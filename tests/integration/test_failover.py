@@ -461,3 +461,50 @@ def test_resync_compares_every_chunk_and_sends_only_what_differs(lab_factory):
     assert res["bytes_read"] >= 16 * MIB  # every data chunk is read and hashed...
     assert 0 < res["bytes_sent"] <= 2 * CHUNK  # ...and only the changed one travels
     assert lab.item("vm1")["state"] == "Protected"
+
+
+def _digest_files(paths: dict[str, Path]) -> dict[str, str]:
+    out = {}
+    for d, p in paths.items():
+        md = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(4 * MIB):
+                md.update(chunk)
+        out[d] = md.hexdigest()
+    return out
+
+
+def test_raw_sites_fail_over_and_back_with_hash_compare(lab_factory):
+    lab = lab_factory(kind="raw")
+    lab.enable("vm1")
+    m = lab.machines["vm1"]
+    # Raw files have no writers siterecovery can stop: a planned failover is refused up front.
+    msg = _refused(failover.request_failover, lab.vault, "vm1", planned=True)
+    assert "raw site" in msg and "unplanned failover" in msg
+    job = lab.run_job(failover.request_failover(lab.vault, "vm1", planned=False, point="latest")["job"])
+    assert job["state"] == "Succeeded", job["error"]
+    rec = lab.item("vm1")["recovered_machine"]
+    rec_paths = {d["name"]: Path(d["path"]) for d in rec["disks"]}
+    assert _digest_files(rec_paths) == _digest_point(lab.vault, job["result"]["point_id"])
+    assert lab.run_job(failover.request_commit(lab.vault, "vm1")["job"])["state"] == "Succeeded"
+
+    with open(rec_paths["disk0"], "r+b") as f:  # a write at the recovery site
+        f.seek(m.regions["disk0"][0])
+        f.write(b"\x77" * CHUNK)
+    job = lab.run_job(failover.request_reprotect(lab.vault, "vm1")["job"])
+    assert job["state"] == "Succeeded", job["error"]
+    assert job["result"]["reverse_method"] == "hash-scan"
+    assert job["result"]["bytes_sent"] == CHUNK
+    assert _digest_files(m.images) == _digest_files(rec_paths)
+
+    with open(rec_paths["disk1"], "r+b") as f:
+        f.seek(m.regions["disk1"][0])
+        f.write(b"\x78" * CHUNK)
+    job = lab.run_job(failover.request_failback(lab.vault, "vm1", planned=False)["job"])
+    assert job["state"] == "Succeeded", job["error"]
+    assert _digest_files(m.images) == _digest_files(rec_paths)
+    assert lab.run_job(failover.request_commit(lab.vault, "vm1")["job"])["state"] == "Succeeded"
+    assert not rec_paths["disk0"].exists()
+    assert lab.run_job(failover.request_reprotect(lab.vault, "vm1")["job"])["state"] == "Succeeded"
+    st = lab.item("vm1")
+    assert (st["state"], st["direction"]) == ("Protected", "forward")

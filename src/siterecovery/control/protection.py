@@ -295,6 +295,7 @@ def _recovered_summary(rec: dict[str, Any] | None) -> dict[str, Any] | None:
         "size": rec.get("size"),
         "nics": [{k: n.get(k) for k in NIC_FIELDS} for n in rec.get("nics") or []],
         "nics_not_created": rec.get("nics_not_created") or [],
+        "disks": [{"name": d["name"], "path": d.get("path")} for d in rec.get("disks") or []],
         "nbd_socket": rec.get("nbd"),
         "qmp_socket": rec.get("qmp"),
     }
