@@ -178,20 +178,33 @@ def test_object_bad_names_refused(object_store: ObjectStore, name: str) -> None:
 # -- local only ---------------------------------------------------------------------------
 
 
-def test_local_layout_and_temp_files_ignored_then_cleaned(tmp_path: Path) -> None:
+def test_local_layout_packs_visible_after_flush_and_temp_files_cleaned(tmp_path: Path) -> None:
     store = LocalChunkStore(tmp_path)
     store.insert(cid(1), b"blob")
-    h = cid(1).hex()
-    assert (tmp_path / "chunks" / h[:2] / h).read_bytes() == b"blob"
-    stale = tmp_path / "chunks" / h[:2] / ".tmp-123-1-deadbeef"
+    packs = tmp_path / "packs"
+    # Until the flush the chunk is in this process's open pack (a temp file) only.
+    assert [p.name[:5] for p in packs.iterdir() if p.suffix == ".pack"] == [".tmp-"]
+    assert cid(1) not in {i.chunk_id for i in LocalChunkStore(tmp_path).list()}
+    store.flush()
+    sealed = [p for p in packs.iterdir() if p.suffix == ".pack" and not p.name.startswith(".tmp-")]
+    assert len(sealed) == 1
+    path, offset, length = store.locate(cid(1))
+    assert path == sealed[0] and path.read_bytes()[offset : offset + length] == b"blob"
+    assert LocalChunkStore(tmp_path).get(cid(1)) == b"blob"
+
+    store.insert(cid(2), b"in flight")  # this process's open pack: young, and ours
+    stale = packs / ".tmp-123-1-deadbeef"
     stale.write_bytes(b"partial")
-    fresh = tmp_path / "chunks" / h[:2] / ".tmp-123-2-deadbeef"
+    fresh = packs / ".tmp-123-2-deadbeef"
     fresh.write_bytes(b"in flight")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    assert [i.chunk_id for i in store.list()] == [cid(1)]
+    assert sorted(i.chunk_id for i in store.list()) == [cid(1), cid(2)]
     assert store.cleanup_temp() == 1
     assert not stale.exists() and fresh.exists()
-    assert store.cleanup_temp(older_than=time.time() + 1) == 1
+    assert store.cleanup_temp(older_than=time.time() + 1) == 1  # ours is never removed
+    assert store.get(cid(2)) == b"in flight"
+    store.flush()
+    assert LocalChunkStore(tmp_path).get(cid(2)) == b"in flight"
 
 
 def test_local_object_put_leaves_no_temp(tmp_path: Path) -> None:
@@ -225,10 +238,14 @@ def test_local_enospc_raises_storage_full_and_leaves_nothing_partial(tiny_tmpfs:
             store.insert(cid(n), blob)
             stored += 1
     assert 0 < stored < 100
-    # Every listed chunk is complete; no temp file is left.
+    # Every listed chunk is complete, also to a new reader; no temp file is left: the open pack
+    # was sealed with the room reserved for its footer.
     infos = list(store.list())
     assert len(infos) == stored and all(i.size == len(blob) for i in infos)
-    assert not [p for p in (tiny_tmpfs / "chunks").rglob(".tmp-*")]
+    assert not [p for p in tiny_tmpfs.rglob(".tmp-*")]
+    again = LocalChunkStore(tiny_tmpfs)
+    assert sorted(i.chunk_id for i in again.list()) == [cid(n) for n in range(stored)]
+    assert all(again.get(cid(n)) == blob for n in range(stored))
     objects = LocalObjectStore(tiny_tmpfs / "objects")
     with pytest.raises(StorageFull):
         objects.put("big", os.urandom(200_000))

@@ -536,32 +536,39 @@ def test_usage_error_exits_2(lab: Lab) -> None:
 
 @contextlib.contextmanager
 def damaged_chunk(lab: Lab, how: str) -> Iterator[tuple[str, str, int]]:
-    """Delete or corrupt the file of one data chunk of the newest point; put it back after.
+    """Delete one data chunk of the newest point, or flip a bit of it inside its pack; put it
+    back after.
 
     Yields ``(point_id, disk, offset)`` of a place that uses the chunk. The chunk is found by
-    reading the point's index (the CLI has no command that maps offsets to chunk ids)."""
+    reading the point's index (the CLI has no command that maps offsets to chunk ids). "Missing"
+    is what a faulty sweep would leave: the chunk store's own delete (a tombstone)."""
     vault = open_vault(lab.vault)
-    try:
-        ds = vault.datastore
-        point_id = ds.list_manifests()[-1]
-        disk, ref = sorted(ds.read_manifest(point_id).disks.items())[-1]
-        chunk_no, chunk_id = list(ds.index_reader(ref).nonzero_entries())[3]
-    finally:
-        vault.close()
-    path = lab.vault / "datastore" / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
-    original = path.read_bytes()
+    ds = vault.datastore
+    point_id = ds.list_manifests()[-1]
+    disk, ref = sorted(ds.read_manifest(point_id).disks.items())[-1]
+    chunk_no, chunk_id = list(ds.index_reader(ref).nonzero_entries())[3]
+    store = ds.chunks
+    pack, at, length = store.locate(chunk_id)
+    original = store.get(chunk_id)
+    byte = original[length // 2]
     try:
         if how == "missing":
-            path.unlink()
+            store.delete(chunk_id)
+            store.flush()
         else:
-            damaged = bytearray(original)
-            damaged[len(damaged) // 2] ^= 0x01
-            path.write_bytes(bytes(damaged))
+            with open(pack, "r+b") as f:
+                f.seek(at + length // 2)
+                f.write(bytes([byte ^ 0x01]))
         yield point_id, disk, chunk_no * ref.chunk_size
     finally:
-        tmp = path.with_name(path.name + ".restore")
-        tmp.write_bytes(original)
-        tmp.replace(path)
+        if how == "missing":
+            store.insert(chunk_id, original)
+            store.flush()
+        else:
+            with open(pack, "r+b") as f:
+                f.seek(at + length // 2)
+                f.write(bytes([byte]))
+        vault.close()
 
 
 @pytest.mark.parametrize(("how", "reason"), [("missing", "missing"), ("corrupt", "corrupt: ")])

@@ -231,7 +231,7 @@ def test_local_datastore_gc_and_temp_cleanup(tmp_path: Path) -> None:
     ref = write_disk(ds, bytes(make_image(20 * CHUNK_SIZE, 7)))
     point(ds, "p1", {"vda": ref})
     garbage, _ = ds.store_chunk(os.urandom(CHUNK_SIZE))
-    tmp = tmp_path / "ds" / "chunks" / garbage.hex()[:2] / ".tmp-1-1-abcd"
+    tmp = tmp_path / "ds" / "packs" / ".tmp-1-1-abcd"  # a pack never sealed (a crash)
     tmp.write_bytes(b"partial")
     stats = ds.gc(grace_seconds=60, now=time.time() + 120)
     assert stats.chunks_removed == 1 and stats.temp_files_removed == 1

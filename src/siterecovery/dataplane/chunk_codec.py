@@ -73,6 +73,14 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     return data == bytes(n)
 
 
+def is_zero_at(data: bytes | bytearray | memoryview, offset: int, length: int) -> bool:
+    """True if ``data[offset:offset + length]`` is all zeros, without copying that slice."""
+    if isinstance(data, memoryview) or length > CHUNK_SIZE:
+        return is_zero(data[offset : offset + length])
+    # startswith compares in place (memcmp); slicing bytes would copy the chunk first.
+    return offset + length <= len(data) and data.startswith(_ZERO_CHUNK[:length], offset)
+
+
 class ChunkCodec:
     """Names, encodes and decodes chunks with one vault key. Safe to share between threads."""
 

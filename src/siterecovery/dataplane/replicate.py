@@ -21,8 +21,14 @@ A resumed initial replication passes ``resume_offset``: below it the base is the
 index and only changed extents (or, without tracking, a hash comparison) are processed; above it
 everything allocated is read.
 
-Work is spread over a thread pool (reads, BLAKE3, zstd and AES-GCM release the GIL); results are
-consumed in disk order so that a checkpoint at offset ``o`` covers exactly ``[0, o)``.
+Work is a pipeline over one thread pool: up to ``MAX_IN_FLIGHT_BLOCKS`` blocks (and at most
+``MAX_IN_FLIGHT_BYTES`` of data) are read at once, so that a latency-bound source (NBD over a
+socket, a disk queue) has many requests outstanding; of those, at most ``threads`` are hashed,
+compared, encoded and stored at a time (BLAKE3, zstd and AES-GCM release the GIL, so these use
+the cores). The base index pages a block needs are read by the same task, in parallel too.
+Results are consumed in disk order, so that a checkpoint at offset ``o`` covers exactly
+``[0, o)``; the chunk store is flushed before a checkpoint is handed out, so a checkpoint never
+refers to chunks or pages that a crash could take away (as for a manifest).
 """
 
 from __future__ import annotations
@@ -30,18 +36,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from siterecovery.dataplane.chunk_codec import CHUNK_SIZE, ZERO_ID, ChunkCodec, is_zero
+from siterecovery.dataplane.chunk_codec import CHUNK_SIZE, ID_SIZE, ZERO_ID, ChunkCodec, is_zero_at
 from siterecovery.dataplane.datastore import Datastore
-from siterecovery.dataplane.index import IndexRef, IndexWriter
+from siterecovery.dataplane.index import IndexReader, IndexRef, IndexWriter
 from siterecovery.dataplane.process_server import ProcessServer
 from siterecovery.ports.source import DiskView, Extent, coalesce, split
 
-READ_BLOCK = 4 * 1024 * 1024  # bytes per read request (64 chunks)
-MAX_IN_FLIGHT = 8  # read blocks queued in the pool: bounds memory to ~32 MiB per disk
+READ_BLOCK = 4 * 1024 * 1024  # bytes per read request (64 chunks), and per batch
+BATCH_EXTENTS = 16  # small extents (scattered dirty blocks) read and processed as one task
+MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024  # read data held at once per disk (bounds memory)
+MAX_IN_FLIGHT_BATCHES = 16  # batches being read at once: keeps a latency-bound source busy
 
 
 @dataclass
@@ -111,6 +119,39 @@ class _Claims:
             return mine
 
 
+def batches(extents: Iterable[Extent]) -> Iterator[list[Extent]]:
+    """Cut ``extents`` into read requests of at most ``READ_BLOCK`` bytes and group consecutive
+    ones into batches of at most ``READ_BLOCK`` bytes and ``BATCH_EXTENTS`` requests, in order.
+
+    One task per batch: a change set of thousands of scattered 64 KiB blocks costs tens of
+    tasks, not thousands (each task costs thread hand-offs that a small block does not repay)."""
+    batch: list[Extent] = []
+    size = 0
+    for piece in split(extents, READ_BLOCK):
+        if batch and (size + piece.length > READ_BLOCK or len(batch) >= BATCH_EXTENTS):
+            yield batch
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece.length
+    if batch:
+        yield batch
+
+
+def _hole_clears(reader: IndexReader, allocated: list[Extent], scan_from: int) -> Iterator[int]:
+    """Chunk numbers at or after ``scan_from`` that are not zero in ``reader``'s index but lie
+    outside every extent of ``allocated`` (sorted, merged), in order."""
+    covered = iter(allocated)
+    current = next(covered, None)
+    for chunk_no, _cid in reader.nonzero_entries():
+        off = chunk_no * CHUNK_SIZE
+        if off < scan_from:
+            continue
+        while current is not None and current.end <= off:
+            current = next(covered, None)
+        if current is None or off < current.offset:
+            yield chunk_no
+
+
 class Agent:
     """Replicates disk views to a process server. One instance may serve several disks at once."""
 
@@ -120,27 +161,42 @@ class Agent:
         self.threads = threads
         self._claims = _Claims()
 
-    def _process_block(
-        self, view: DiskView, block: Extent, base_ids: list[bytes]
-    ) -> tuple[Extent, list[bytes], DiskStats]:
-        data = view.read(block.offset, block.length)
-        stats = DiskStats(bytes_read=len(data))
-        mv = memoryview(data)
-        ids: list[bytes] = []
+    def _process_batch(
+        self,
+        view: DiskView,
+        batch: list[Extent],
+        base_ids: Callable[[Extent], list[bytes]],
+        cpu: threading.Semaphore,
+    ) -> tuple[list[Extent], list[list[bytes]], DiskStats]:
+        datas = [view.read(block.offset, block.length) for block in batch]
+        bases = [base_ids(block) for block in batch]
+        with cpu:
+            return self._process_data(batch, datas, bases)
+
+    def _process_data(
+        self, batch: list[Extent], datas: Sequence[bytes | bytearray], bases: list[list[bytes]]
+    ) -> tuple[list[Extent], list[list[bytes]], DiskStats]:
+        stats = DiskStats()
+        all_ids: list[list[bytes]] = []
         changed: dict[bytes, memoryview] = {}
-        for i in range(0, len(data), CHUNK_SIZE):
-            piece = mv[i : i + CHUNK_SIZE]
-            stats.chunks_read += 1
-            if is_zero(piece):
-                cid = ZERO_ID
-                stats.zero_chunks += 1
-            else:
-                cid = self.codec.chunk_id(piece)
-            ids.append(cid)
-            if cid != base_ids[len(ids) - 1]:
-                stats.chunks_changed += 1
-                if cid != ZERO_ID:
-                    changed[cid] = piece
+        for data, base_ids in zip(datas, bases, strict=True):
+            stats.bytes_read += len(data)
+            mv = memoryview(data)
+            ids: list[bytes] = []
+            for i in range(0, len(data), CHUNK_SIZE):
+                n = min(CHUNK_SIZE, len(data) - i)
+                stats.chunks_read += 1
+                if is_zero_at(data, i, n):
+                    cid = ZERO_ID
+                    stats.zero_chunks += 1
+                else:
+                    cid = self.codec.chunk_id(mv[i : i + n])
+                ids.append(cid)
+                if cid != base_ids[len(ids) - 1]:
+                    stats.chunks_changed += 1
+                    if cid != ZERO_ID:
+                        changed[cid] = mv[i : i + n]
+            all_ids.append(ids)
         mine = self._claims.claim(list(changed)) if changed else []
         if mine:
             for cid in self.server.missing(mine):
@@ -148,7 +204,7 @@ class Agent:
                 stats.bytes_stored += self.server.put(cid, blob)
                 stats.bytes_sent += len(blob)
                 stats.chunks_sent += 1
-        return block, ids, stats
+        return batch, all_ids, stats
 
     def replicate_disk(
         self,
@@ -193,58 +249,89 @@ class Agent:
         base_reader = datastore.index_reader(base) if base is not None else None
 
         # A full scan (no usable change set) must also clear chunks the base had where the disk
-        # now has a hole: they are outside every allocated extent, so nothing reads them.
+        # now has a hole: they are outside every allocated extent, so nothing reads them. The
+        # clears are applied as consumption passes them (a checkpoint at o includes those below
+        # o), so the base pages they need are read while the pipeline runs, mostly from cache.
+        holes: Iterator[int] = iter(())
         if base_reader is not None and (changed is None or resume_offset is not None):
             scan_from = 0 if changed is None else resume_offset or 0
-            covered = iter(allocated)
-            current = next(covered, None)
-            for chunk_no, _cid in base_reader.nonzero_entries():
-                off = chunk_no * CHUNK_SIZE
-                if off < scan_from:
-                    continue
-                while current is not None and current.end <= off:
-                    current = next(covered, None)
-                if current is None or off < current.offset:
-                    writer.set(chunk_no, ZERO_ID)
+            holes = _hole_clears(base_reader, allocated, scan_from)
+        next_hole = next(holes, None)
+
+        def clear_holes(below: int) -> None:
+            nonlocal next_hole
+            while next_hole is not None and next_hole < below:
+                writer.set(next_hole, ZERO_ID)
+                next_hole = next(holes, None)
 
         total = sum(e.length for e in todo)
         stats = DiskStats()
         done = 0
         last_ckpt = time.monotonic()
-        pending: deque[Future[tuple[Extent, list[bytes], DiskStats]]] = deque()
+        pending: deque[tuple[int, Future[tuple[list[Extent], list[list[bytes]], DiskStats]]]] = deque()
+        in_flight = 0
 
         def base_ids_for(block: Extent) -> list[bytes]:
             first = block.offset // CHUNK_SIZE
             n = -(-block.length // CHUNK_SIZE)
             if base_reader is None:
                 return [ZERO_ID] * n
-            return [base_reader.get(first + i) for i in range(n)]
+            # One page read per leaf the block touches (a leaf holds 256 ids).
+            ids: list[bytes] = []
+            chunk_no = first
+            while chunk_no < first + n:
+                leaf = chunk_no >> 8
+                body = base_reader.page_body_at(0, leaf)
+                stop = min(first + n, (leaf + 1) << 8)
+                ids += [
+                    body[(c & 0xFF) * ID_SIZE : ((c & 0xFF) + 1) * ID_SIZE] for c in range(chunk_no, stop)
+                ]
+                chunk_no = stop
+            return ids
 
-        def consume(fut: Future[tuple[Extent, list[bytes], DiskStats]]) -> None:
+        def consume(fut: Future[tuple[list[Extent], list[list[bytes]], DiskStats]]) -> None:
             nonlocal done, last_ckpt
-            block, ids, bstats = fut.result()
-            first = block.offset // CHUNK_SIZE
-            writer.set_many((first + i, cid) for i, cid in enumerate(ids))
+            batch, all_ids, bstats = fut.result()
+            for block, ids in zip(batch, all_ids, strict=True):
+                first = block.offset // CHUNK_SIZE
+                clear_holes(first)
+                writer.set_many((first + i, cid) for i, cid in enumerate(ids))
+                done += block.length
+            block = batch[-1]
             stats.add(bstats)
-            done += block.length
             if progress is not None:
                 progress(done, total)
             if checkpoint is not None and time.monotonic() - last_ckpt >= checkpoint_every_s:
-                checkpoint(writer.checkpoint(), max(block.end, resume_offset or 0))
+                ref = writer.checkpoint()
+                # The checkpoint is stored by the caller and used after a crash: what it refers
+                # to must be durable first, as for a manifest.
+                datastore.chunks.flush()
+                checkpoint(ref, max(block.end, resume_offset or 0))
                 last_ckpt = time.monotonic()
 
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="agent") as pool:
+        # Reads wait on the source and need no core; processing is limited to ``threads``.
+        cpu = threading.Semaphore(self.threads)
+        workers = self.threads + MAX_IN_FLIGHT_BATCHES
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent") as pool:
             try:
-                for block in split(todo, READ_BLOCK):
+                for batch in batches(todo):
                     if cancel is not None and cancel.is_set():
                         raise InterruptedError("replication cancelled")
-                    pending.append(pool.submit(self._process_block, view, block, base_ids_for(block)))
-                    if len(pending) >= MAX_IN_FLIGHT:
-                        consume(pending.popleft())
+                    length = sum(block.length for block in batch)
+                    while pending and (
+                        len(pending) >= MAX_IN_FLIGHT_BATCHES or in_flight + length > MAX_IN_FLIGHT_BYTES
+                    ):
+                        done_len, fut = pending.popleft()
+                        in_flight -= done_len
+                        consume(fut)
+                    fut = pool.submit(self._process_batch, view, batch, base_ids_for, cpu)
+                    pending.append((length, fut))
+                    in_flight += length
                 while pending:
-                    consume(pending.popleft())
+                    consume(pending.popleft()[1])
+                clear_holes(writer.n)
             except BaseException:
-                for fut in pending:
+                for _, fut in pending:
                     fut.cancel()
                 raise
         ref = writer.commit()

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import blake3
 import tomli_w
 
+from siterecovery.durable import write_atomic
 from siterecovery.errors import InvalidInput, OutOfRange, SourceError
 
 CHUNK_SIZE = 64 * 1024
@@ -109,7 +110,7 @@ class BaseInfo:
         )
 
     def save(self, path: Path) -> None:
-        _atomic_write(path, json.dumps(self.to_json(), separators=(",", ":")).encode())
+        write_atomic(path, json.dumps(self.to_json(), separators=(",", ":")).encode(), make_parents=True)
 
     @classmethod
     def load(cls, path: Path) -> BaseInfo:
@@ -354,7 +355,7 @@ def write_inventory(path: Path, machines: list[dict[str, Any]]) -> None:
                 raise InvalidInput(f"machine {name!r}: disk name {disk['name']!r} is used twice.")
             disk_names.add(disk["name"])
         out.append(_plain(machine))
-    _atomic_write(Path(path), tomli_w.dumps({"machine": out}).encode())
+    write_atomic(Path(path), tomli_w.dumps({"machine": out}).encode(), make_parents=True)
 
 
 def _plain(value: Any) -> Any:
@@ -482,13 +483,3 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

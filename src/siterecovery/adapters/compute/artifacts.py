@@ -34,7 +34,6 @@ import hashlib
 import io
 import ipaddress
 import json
-import os
 import re
 import uuid
 import xml.etree.ElementTree as ET
@@ -43,6 +42,7 @@ from typing import Any
 
 import pycdlib
 
+from siterecovery.durable import write_atomic
 from siterecovery.errors import InvalidInput
 
 # Fixed namespace for the UUID 5 of domain names: the same name always gives the same UUID.
@@ -239,23 +239,6 @@ def seed_iso(files: dict[str, bytes]) -> bytes:
         iso.close()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_machine_artifacts(directory: Path, machine: dict[str, Any]) -> dict[str, str]:
     """Write the machine's artifacts into ``directory`` (module docstring); return their paths
     by kind: ``machine_json``, ``domain_xml``, ``seed_dir``, ``meta_data``, ``user_data``,
@@ -276,10 +259,8 @@ def write_machine_artifacts(directory: Path, machine: dict[str, Any]) -> dict[st
         "seed_iso": directory / "seed.iso",
     }
     for name, data in files.items():
-        _write_atomic(seed_dir / name, data)
-    _write_atomic(paths["seed_iso"], seed_iso(files))
-    _write_atomic(paths["domain_xml"], domain_xml(machine, paths["seed_iso"], macs).encode())
-    _write_atomic(paths["machine_json"], (json.dumps(machine, indent=2) + "\n").encode())
-    _fsync_dir(seed_dir)
-    _fsync_dir(directory)
+        write_atomic(seed_dir / name, data)
+    write_atomic(paths["seed_iso"], seed_iso(files))
+    write_atomic(paths["domain_xml"], domain_xml(machine, paths["seed_iso"], macs).encode())
+    write_atomic(paths["machine_json"], (json.dumps(machine, indent=2) + "\n").encode())
     return {kind: str(p) for kind, p in paths.items()}

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import socket
 import threading
@@ -72,6 +71,7 @@ import nbd
 from siterecovery.adapters.compute.image import NbdDiskWriter
 from siterecovery.adapters.sources.qemu import daemon_nbd_socket, start_nbd_server
 from siterecovery.adapters.sources.qmp import QmpClient
+from siterecovery.durable import fsync_dir, write_atomic
 from siterecovery.errors import InvalidInput, NotFound, SourceError
 from siterecovery.ports.compute import DiskWriter, MachineKind
 
@@ -617,26 +617,11 @@ class QemuMachineControl:
         return record
 
     def _save_record(self, record: dict[str, Any]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._record_path().with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._record_path())
-        _fsync_dir(self.state_dir)
+        write_atomic(self._record_path(), json.dumps(record, indent=1).encode(), make_parents=True)
 
     def _remove_record(self) -> None:
         try:
             self._record_path().unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.state_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.state_dir)
