@@ -34,3 +34,27 @@ def source_for(site_kind: str, spec: dict[str, Any], work_dir: Path) -> Source:
 def embedded_agent(datastore: Datastore, threads: int = 3) -> Agent:
     """Agent and process server in one process (embedded mode)."""
     return Agent(datastore.codec, ProcessServer(datastore.chunks), threads=threads)
+
+
+def agent_for(vault: Any, threads: int = 3) -> tuple[Agent, Datastore]:
+    """The agent a replication cycle of ``vault`` uses, and the datastore it writes through.
+
+    Embedded mode (the default): the embedded agent and the vault's datastore. When the vault
+    sends through a process server (``<vault>/process-server.json``, see
+    ``siterecovery appliance use``): an agent whose process server is remote, and a view of the
+    datastore whose chunk store is that process server (index pages, base index reads, and the
+    flush before a manifest go over the wire) while manifests are written to the vault's
+    datastore by the control plane as always.
+    """
+    from siterecovery.adapters.transport.config import load_settings
+
+    datastore: Datastore = vault.datastore
+    settings = load_settings(vault.root)
+    if settings is None:
+        return embedded_agent(datastore, threads), datastore
+    from siterecovery.adapters.transport import connect_remote
+
+    remote = connect_remote(vault.root, settings)
+    view = Datastore(remote, datastore.objects, datastore.key, datastore.chunk_size)
+    view.page_cache = datastore.page_cache  # content-addressed: safe to share
+    return Agent(view.codec, remote, threads=threads), view  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import select
 
 from siterecovery.adapters.db.models import ItemRow, PointRow
-from siterecovery.bootstrap import embedded_agent, source_for
+from siterecovery.bootstrap import agent_for, source_for
 from siterecovery.control.maintenance import datastore_lock
 from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.manifest import Manifest
@@ -223,8 +223,7 @@ def _cycle(
                     warning += f"; {thaw_failure}"
 
     source = source_for(kind, spec, work_dir)
-    datastore = vault.datastore
-    agent = embedded_agent(datastore)
+    agent, datastore = agent_for(vault)
     total_stats = DiskStats()
     try:
         release_stale_snapshots(source, item_name)

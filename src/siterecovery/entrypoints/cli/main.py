@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from siterecovery.entrypoints.cli import (
+    appliance_cmd,
     datastore_cmd,
     demo_cmd,
     failover_cmd,
@@ -59,6 +60,8 @@ app.add_typer(job_cmd.app, name="job")
 app.add_typer(datastore_cmd.app, name="datastore")
 app.add_typer(worker_cmd.app, name="worker")
 app.command("demo")(demo_cmd.demo)
+app.add_typer(appliance_cmd.app, name="appliance")
+app.add_typer(appliance_cmd.process_server, name="process-server")
 
 
 def main() -> None:
