@@ -138,6 +138,52 @@ def test_replication_through_a_process_server_is_byte_exact_and_deduplicated(
         remote.close()
 
 
+def test_chunks_a_gc_elsewhere_removed_are_sent_again(
+    tmp_path: Path, pki: Pki, datastore: Datastore, server: RunningProcessServer
+) -> None:
+    """The process server's view of the datastore is refreshed (SYNC) when an index starts, so
+    a gc run by the vault between two points never leaves a point referring to a chunk that
+    the process server still believed it had."""
+    img = disk_image(tmp_path / "disk0.img", 4 * MIB, seed=3)
+    remote = RemoteProcessServer(client_for(pki.agent, server.data_address[1]), batch_bytes=256 * 1024)
+    view_ds = Datastore(remote, datastore.objects, datastore.key, datastore.chunk_size)  # type: ignore[arg-type]
+    view = RawDiskView("disk0", img)
+
+    def point(point_id: str) -> int:
+        agent = Agent(view_ds.codec, remote)  # type: ignore[arg-type]  # one per cycle, as the worker does
+        result = agent.replicate_disk(view_ds, view, None, changed=None)
+        view_ds.write_manifest(
+            Manifest(
+                format=1,
+                point_id=point_id,
+                item="vm1",
+                machine="vm1",
+                created_at=time.time(),
+                consistency="fuzzy",
+                method="initial",
+                disks={"disk0": result.ref},
+                stats={},
+            )
+        )
+        return result.stats.chunks_sent
+
+    try:
+        sent = point("rp-1")
+        assert sent > 0
+        # The vault drops the point and collects its chunks (another datastore instance: another
+        # process as far as the process server's chunk store can tell).
+        datastore.delete_manifest("rp-1")
+        gc = datastore.gc(grace_seconds=0, now=time.time() + 1)
+        assert gc.chunks_removed >= sent
+        # The same disk again: every chunk must travel again, and the point must be whole.
+        assert point("rp-2") == sent
+        report = Datastore.open_local(tmp_path / "ds", datastore.key).verify()
+        assert report.ok and report.points_checked == 1, report.problems[:3]
+    finally:
+        view.close()
+        remote.close()
+
+
 def test_status_on_the_control_port(pki: Pki, server: RunningProcessServer) -> None:
     st = query_status(f"127.0.0.1:{server.control_address[1]}", pki.agent.cert.parent)
     assert st["name"] == "ps1"

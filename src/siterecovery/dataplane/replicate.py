@@ -153,7 +153,9 @@ def _hole_clears(reader: IndexReader, allocated: list[Extent], scan_from: int) -
 
 
 class Agent:
-    """Replicates disk views to a process server. One instance may serve several disks at once."""
+    """Replicates disk views to a process server. One instance may serve several disks at once,
+    for one replication cycle: the ids it claimed are never asked for again, so the next cycle
+    (which may follow a garbage collection) takes a new instance."""
 
     def __init__(self, codec: ChunkCodec, server: ProcessServer, threads: int = 3) -> None:
         self.codec = codec

@@ -353,6 +353,14 @@ class Spool:
                 self._store_error = None
         return lacking
 
+    def sync_store(self) -> None:
+        """Have the chunk store reload its view of what exists if another process changed it
+        (``ChunkStore.sync`` where the store has one): called before an agent starts a disk's
+        index, so that ``missing`` and the drain never trust a chunk a gc removed elsewhere."""
+        sync = getattr(self.store, "sync", None)
+        if sync is not None:
+            sync()
+
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
         """Append the chunks durably (fsync) and return, per item, whether it was new to the
         spool. Raises ``SpoolBusy`` (nothing appended) above the high watermark."""

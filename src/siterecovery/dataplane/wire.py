@@ -47,6 +47,11 @@ type   name         from    body
                             ``internal`` (a bug in the process server)
 0x0D   STATUS       any     empty
 0x0E   STATUS_REPLY server  JSON: the process server's health (``Spool.status`` and more)
+0x0F   SYNC         agent   empty: before an agent starts a disk's index, the process server
+                            reloads its view of the datastore if another process (a garbage
+                            collection) deleted or moved chunks since, so that MISSING never
+                            counts a chunk that is gone
+0x10   SYNCED       server  JSON ``{}``
 =====  ===========  ======  ====================================================================
 
 Compression: a sender may zstd-compress the body of a JSON frame (it sets flag bit 0 when that
@@ -106,6 +111,8 @@ class FrameType(IntEnum):
     ERROR = 0x0C
     STATUS = 0x0D
     STATUS_REPLY = 0x0E
+    SYNC = 0x0F
+    SYNCED = 0x10
 
 
 JSON_FRAMES = frozenset(
@@ -117,6 +124,7 @@ JSON_FRAMES = frozenset(
         FrameType.FLUSHED,
         FrameType.ERROR,
         FrameType.STATUS_REPLY,
+        FrameType.SYNCED,
     }
 )
 

@@ -5,9 +5,10 @@
 * the process server of :class:`~siterecovery.dataplane.replicate.Agent` (``missing``, ``put``);
 * the :class:`~siterecovery.ports.chunk_store.ChunkStore` of the agent's datastore view, through
   which the agent's ``IndexWriter`` stores index pages, its ``IndexReader`` reads the base
-  point's pages, and ``Datastore.write_manifest`` flushes (FLUSH: everything acknowledged is
-  durable in the datastore) before the control plane writes the manifest. So the agent never
-  touches the datastore itself.
+  point's pages, ``Datastore.index_writer`` has the process server refresh its view of the
+  datastore (SYNC, as it syncs a shared chunk store) and ``Datastore.write_manifest`` flushes
+  (FLUSH: everything acknowledged is durable in the datastore) before the control plane writes
+  the manifest. So the agent never touches the datastore itself.
 
 Batching and the order of durability: ``put`` only queues a chunk; a batch goes out (PUT, then
 ACK after the process server's spool fsync'ed it) when it reaches ``batch_bytes``. Before an
@@ -90,7 +91,7 @@ class RemoteProcessServer:
             self._send(batch_no, batch)
         return len(blob)
 
-    def sync(self) -> None:
+    def send_queued(self) -> None:
         """Send what is queued and wait until every batch queued so far is acknowledged."""
         with self._cv:
             batch_no, batch = self._take_queue()
@@ -141,7 +142,7 @@ class RemoteProcessServer:
 
     def insert(self, chunk_id: bytes, blob: bytes) -> bool:
         """Store an index page, after every data chunk queued before it (durable on return)."""
-        self.sync()
+        self.send_queued()
         with self._cv:
             batch_no = self._next_batch
             self._next_batch += 1
@@ -164,8 +165,13 @@ class RemoteProcessServer:
 
     def flush(self) -> None:
         """Everything put or inserted so far is durable in the datastore when this returns."""
-        self.sync()
+        self.send_queued()
         self.client.call(FrameType.FLUSH, encode_json({"timeout": self.flush_timeout}), FrameType.FLUSHED)
+
+    def sync(self) -> None:
+        """The process server reloads its view of the datastore if a gc changed it (SYNC); the
+        datastore calls this before it starts an index, as it does for a shared chunk store."""
+        self.client.call(FrameType.SYNC, b"", FrameType.SYNCED)
 
     def delete(self, chunk_id: bytes) -> None:
         raise OperationNotAllowed(

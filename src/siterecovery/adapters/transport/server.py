@@ -1,6 +1,6 @@
 """The process server's request handlers: wire frames in, spool operations, wire frames out.
 
-Data port: MISSING, PUT, FLUSH, GET and STATUS. Control port: STATUS only (health for
+Data port: MISSING, PUT, FLUSH, GET, SYNC and STATUS. Control port: STATUS only (health for
 operators and monitoring; it never carries data).
 """
 
@@ -79,6 +79,12 @@ class ProcessServerService:
                 return _error("not-found", f"chunk {cid.hex()} is neither spooled nor in the datastore", cid)
             except DatastoreError as err:
                 return _error("datastore-unavailable", str(err))
+        if frame.type is FrameType.SYNC:
+            try:
+                self.spool.sync_store()
+            except DatastoreError as err:
+                return _error("datastore-unavailable", str(err))
+            return FrameType.SYNCED, encode_json({})
         if frame.type is FrameType.STATUS:
             return FrameType.STATUS_REPLY, encode_json(self.status())
         return _error("bad-request", f"{frame.type.name} is not a request the data port answers.")
