@@ -1,29 +1,41 @@
-"""Distributed mode under fire: the agent (the vault's worker) and the process server run as
-separate processes talking TLS on loopback, a workload writes to the machine, and both are
-killed with SIGKILL at random moments, again and again. Afterwards every recovery point
-verifies and each one is exactly a prefix of the workload's write log: nothing acknowledged was
-lost and no point refers to data that did not arrive."""
+"""Distributed mode under fire.
+
+* The agent (the vault's worker) and the process server run as separate processes talking TLS
+  on loopback, a workload writes to the machine, and both are killed with SIGKILL at random
+  moments, again and again. Afterwards every recovery point verifies and each one is exactly a
+  prefix of the workload's write log: nothing acknowledged was lost and no point refers to data
+  that did not arrive.
+* The datastore (a real S3 server) goes away behind the process server: the spool absorbs the
+  stream, recovery points stop, the item's health says why, and when the datastore returns the
+  backlog drains and points resume, with nothing lost."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from siterecovery.adapters.chunk_stores.s3 import S3Location
 from siterecovery.adapters.db.models import PointRow
 from siterecovery.adapters.transport import query_status
 from siterecovery.control import jobs, protection
+from siterecovery.control.certificates import VaultCA, use_process_server, write_bundle
+from siterecovery.control.worker import ensure_worker, stop_worker
 from siterecovery.dataplane.materialize import materialize_disk
 from siterecovery.demo.verify import disk_specs, raw_reader, verify_machine
+from siterecovery.entrypoints.process_server import ProcessServerConfig, RunningProcessServer
 
 pytestmark = pytest.mark.integration
 
@@ -182,6 +194,14 @@ def test_agent_and_process_server_survive_random_sigkills(lab_factory, tmp_path:
 
     # Every point is the base plus a prefix of the one write sequence, and later points hold
     # longer prefixes.
+    seqs = _verify_points(lab, wl.log_path, tmp_path, rows)
+    assert seqs == sorted(seqs) and seqs[-1] > 0
+    during = sum(kills_from < r.created_at < kill_time for r in rows)
+    print(f"{len(rows)} points ({during} made while the kills went on), write prefixes {seqs}")
+
+
+def _verify_points(lab, wl_log: Path, tmp_path: Path, rows: list[PointRow]) -> list[int]:
+    """Materialize every point and check it against the workload log; the write prefixes."""
     m = lab.machines["vm1"]
     seqs = []
     for row in rows:
@@ -191,11 +211,103 @@ def test_agent_and_process_server_survive_random_sigkills(lab_factory, tmp_path:
             paths[disk] = tmp_path / f"{row.id}-{disk}.raw"
             materialize_disk(lab.vault.datastore, ref, paths[disk], "raw")
         with raw_reader(paths) as reader:
-            res = verify_machine(reader, disk_specs(m.regions), wl.log_path, m.base())
+            res = verify_machine(reader, disk_specs(m.regions), wl_log, m.base())
         assert res.ok, f"{row.id}: {res.detail}"
         seqs.append(res.max_seq)
         for p in paths.values():
             p.unlink()
-    assert seqs == sorted(seqs) and seqs[-1] > 0
-    during = sum(kills_from < r.created_at < kill_time for r in rows)
-    print(f"{len(rows)} points ({during} made while the kills went on), write prefixes {seqs}")
+    return seqs
+
+
+def _wait(what: str, check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_a_datastore_outage_behind_the_process_server_costs_rpo_not_data(
+    lab_factory, tmp_path: Path, monkeypatch
+) -> None:
+    s3_root = Path(tempfile.mkdtemp(prefix="sr-s3-", dir="/tmp"))
+    s3 = SeaweedS3(s3_root)
+    server = None
+    try:
+        s3.start()
+        s3.create_bucket("outage")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        location = S3Location("outage", "ds", s3.endpoint).url()
+        lab = lab_factory(datastore=location)
+        ca = VaultCA.load_or_create(lab.vault.root, lab.vault.name)
+        certs = write_bundle(tmp_path / "ps-certs", ca.issue("ps1", "process-server", hosts=["127.0.0.1"]))
+        server = RunningProcessServer(
+            ProcessServerConfig(
+                datastore=location,
+                spool=tmp_path / "spool",
+                spool_limit=256 * MIB,
+                certs=certs.cert.parent,
+                data="127.0.0.1:0",
+                control="127.0.0.1:0",
+            )
+        )
+        use_process_server(
+            lab.vault.root,
+            lab.vault.name,
+            f"127.0.0.1:{server.data_address[1]}",
+            control=f"127.0.0.1:{server.control_address[1]}",
+            flush_timeout_s=3,
+        )
+        lab.enable("vm1")
+        wl = lab.start_workload("vm1", rate=1_000_000)
+        started = time.time()
+        ensure_worker(lab.vault)
+        first = len(
+            _wait(
+                "the worker's first point",
+                lambda: [p for p in points(lab.vault) if p.created_at > started],
+                60,
+            )
+        )
+
+        s3.stop()
+        down_at = time.time()
+        # The worker's cycles fail at the flush; the item's health names the datastore.
+        st = _wait(
+            "the item's health to report the outage",
+            lambda: (x := lab.item("vm1"))["health"] != "Normal" and x,
+            60,
+        )
+        reasons = " ".join(st["health_reasons"])
+        assert "durable in the datastore" in reasons and "Nothing is lost" in reasons, reasons
+        spool = server.status()["spool"]
+        assert spool["state"] == "datastore-unavailable" and spool["backlog_chunks"] > 0, spool
+        made_during = [p for p in points(lab.vault) if p.created_at > down_at + 1]
+        assert not made_during  # no point may refer to chunks that are only in the spool
+
+        s3.start()
+        up_at = time.time()
+        _wait(
+            "a point after the datastore returned",
+            lambda: [p for p in points(lab.vault) if p.created_at > up_at],
+            90,
+        )
+        _wait("the item to be healthy again", lambda: lab.item("vm1")["health"] == "Normal", 60)
+        _wait("the spool to drain", lambda: server.status()["spool"]["backlog_chunks"] == 0, 60)
+        wl.stop()
+        stop_worker(lab.vault, timeout=30)
+
+        rows = points(lab.vault)
+        assert len(rows) > first
+        report = lab.vault.datastore.verify()
+        assert report.ok, report.problems[:5]
+        seqs = _verify_points(lab, wl.log_path, tmp_path, rows)
+        assert seqs == sorted(seqs) and seqs[-1] > 0
+    finally:
+        if server is not None:
+            server.close()
+        s3.stop()
+        shutil.rmtree(s3_root, ignore_errors=True)

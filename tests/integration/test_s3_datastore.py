@@ -239,6 +239,23 @@ def test_another_process_sees_deletions_after_sync(s3_location: S3Location, s3_c
     assert not reader.contains(cid)
 
 
+def test_a_long_lived_reader_gets_what_another_process_wrote_since(
+    s3_location: S3Location, s3_client: Any
+) -> None:
+    """A worker that opened the datastore before a process server stored new chunks still
+    reads them (a failover, a verify): an unknown id makes it reload before it gives up."""
+    reader = S3ChunkStore(s3_location, client=s3_client)
+    cid = b"\x08" * 32
+    with pytest.raises(ChunkMissing):
+        reader.get(cid)
+    writer = S3ChunkStore(s3_location, client=s3_client)
+    writer.insert(cid, b"new since the reader loaded")
+    writer.flush()
+    assert reader.get(cid) == b"new since the reader loaded"
+    with pytest.raises(ChunkMissing):
+        reader.get(b"\x09" * 32)  # what nobody wrote is still missing, after one reload
+
+
 # -- crash between a pack and its index ---------------------------------------------------
 
 _CRASHING_WRITER = textwrap.dedent(

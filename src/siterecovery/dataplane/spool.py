@@ -35,7 +35,9 @@ Invariants:
   store was flushed (``ChunkStore.flush``): what the spool acknowledged is always either in the
   spool or durable in the datastore;
 * ``flush()`` returns only when every record acknowledged before the call is durable in the
-  datastore: the durability point before a manifest may refer to the chunks.
+  datastore: the durability point before a manifest may refer to the chunks;
+* the store's view of what exists is reloaded when an agent starts an index (``sync_store``);
+  while a reload has failed, nothing the store reports is trusted (see ``sync_store``).
 
 Recovery after a crash: segments are scanned in order, each record's CRC checked. A record cut
 short or failing its check at the end of the newest segment is a torn write that was never
@@ -224,6 +226,7 @@ class Spool:
         self._drain_error: str | None = None
         self._drain_error_since: float | None = None
         self._store_error: str | None = None
+        self._stale_view = False  # a reload of the store's view failed: trust none of it
         self._problems: list[str] = []
         self._received_chunks = 0
         self._received_bytes = 0
@@ -340,8 +343,9 @@ class Spool:
         not spooled counts as lacking: the agent sends it and the spool absorbs it."""
         with self._lock:
             candidates = [c for c in chunk_ids if c not in self._index]
-        if not candidates:
-            return set()
+            stale = self._stale_view
+        if not candidates or stale:
+            return set(candidates)
         try:
             lacking = self.store.missing(candidates)
         except Exception as err:
@@ -356,10 +360,24 @@ class Spool:
     def sync_store(self) -> None:
         """Have the chunk store reload its view of what exists if another process changed it
         (``ChunkStore.sync`` where the store has one): called before an agent starts a disk's
-        index, so that ``missing`` and the drain never trust a chunk a gc removed elsewhere."""
+        index, so that ``missing`` and the drain never trust a chunk a gc removed elsewhere.
+
+        If the datastore cannot answer, the view is marked stale instead of failing the agent:
+        until a reload succeeds, ``missing`` reports every id that is not spooled as lacking
+        (the agent sends it, the spool absorbs it) and the drain reloads before it inserts."""
+        try:
+            self._reload_store()
+        except Exception as err:
+            with self._lock:
+                self._stale_view = True
+                self._store_error = str(err) or type(err).__name__
+
+    def _reload_store(self) -> None:
         sync = getattr(self.store, "sync", None)
         if sync is not None:
             sync()
+        with self._lock:
+            self._stale_view = False
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
         """Append the chunks durably (fsync) and return, per item, whether it was new to the
@@ -639,6 +657,10 @@ class Spool:
     def _drain_range(self, seg_no: int, start: int, end: int) -> bool:
         with self._lock:
             seg = self._segments[seg_no]
+            stale = self._stale_view
+        # An insert into a stale view could take a chunk that a gc removed for present.
+        if stale and not self._retrying("reloading the datastore's view", self._reload_store):
+            return False
         try:
             with open(seg.path, "rb") as f:
                 data = os.pread(f.fileno(), end - start, start)

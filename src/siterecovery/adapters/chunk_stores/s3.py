@@ -53,9 +53,11 @@ The in-memory index (chunk id -> pack, offset, length, mtime) is loaded at open 
 reading every index and tombstone object in parallel; ``contains``/``missing`` use only memory;
 ``get`` reads from memory (pack not yet uploaded) or from S3 in aligned 1 MiB segments
 (``read_segment``) kept in a 32 MiB LRU cache (``read_cache``): a disk is read in chunk
-order, mostly pack order, so one ranged GET serves ~16 chunks; ``list`` reloads what other
-processes wrote first. Thread safe: one lock guards the in-memory state; uploads
-run outside it, so inserts go on while a full pack is uploaded.
+order, mostly pack order, so one ranged GET serves ~16 chunks; ``get`` of an id it does not
+know reloads first (unless a reload began after the ``get`` did), so a long-lived process reads
+what another process, such as a process server, wrote since; ``list`` reloads first too.
+Thread safe: one lock guards the in-memory state; uploads run outside it, so inserts go on
+while a full pack is uploaded.
 
 Errors: connection failures, timeouts and 5xx become ``DatastoreError`` naming the endpoint and
 bucket (transient: retry later); refused credentials become ``DatastoreError`` naming the access
@@ -540,6 +542,7 @@ class S3ChunkStore:
         self._s3 = _S3(location, client)
         self._lock = threading.Lock()  # guards every attribute below
         self._maint = threading.RLock()  # serializes refresh, repack, tombstone writes, cleanup
+        self._refresh_began = float("-inf")  # time.monotonic() when the latest reload began
         self._seq = 0
         self._open = self._new_pack()
         self._mem: dict[bytes, _MemPack] = {self._open.id: self._open}
@@ -610,6 +613,8 @@ class S3ChunkStore:
     def refresh(self) -> None:
         """Reload what other processes wrote or removed (index and tombstone objects)."""
         with self._maint:
+            with self._lock:
+                self._refresh_began = time.monotonic()
             generation = self._read_generation()
             with self._lock:
                 known_ix = set(self._index)
@@ -766,15 +771,21 @@ class S3ChunkStore:
             self._open.touches[chunk_id] = now
 
     def get(self, chunk_id: bytes) -> bytes:
+        asked = time.monotonic()
         for _ in range(3):
             with self._lock:
                 loc = self._where.get(chunk_id)
                 if loc is None:
-                    raise ChunkMissing(chunk_id=chunk_id.hex())
-                mem = self._mem.get(loc.pack)
-                if mem is not None:
-                    return bytes(mem.buf[loc.offset : loc.offset + loc.length])
-                pack, offset, length = loc.pack, loc.offset, loc.length
+                    if self._refresh_began >= asked:
+                        raise ChunkMissing(chunk_id=chunk_id.hex())
+                else:
+                    mem = self._mem.get(loc.pack)
+                    if mem is not None:
+                        return bytes(mem.buf[loc.offset : loc.offset + loc.length])
+                    pack, offset, length = loc.pack, loc.offset, loc.length
+            if loc is None:
+                self.refresh()  # written by another process since we loaded?
+                continue
             data = self._read_range(pack, offset, length)
             if data is not None and len(data) == length:
                 return data
