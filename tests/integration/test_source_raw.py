@@ -104,3 +104,30 @@ def test_bad_requests(tmp_path: Path) -> None:
         snap.disks["disk0"].read(MiB - 1, 2)
     with pytest.raises(InvalidInput):
         RawSource({})
+
+
+def test_read_into_equals_read_aligned_or_not(tmp_path: Path) -> None:
+    """``read_into`` reads aligned requests with O_DIRECT (where the filesystem has it) and the
+    rest buffered; both see what a buffered writer just wrote."""
+    import mmap
+
+    size = 3 * 65536 + 1000  # an unaligned tail
+    data = os.urandom(size)
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(data)
+    view = RawSource({"disk0": disk}).snapshot(["disk0"]).disks["disk0"]
+    try:
+        with open(disk, "r+b") as f:  # dirty in the page cache, not yet written back
+            f.seek(65536)
+            f.write(b"\xab" * 4096)
+        data = data[:65536] + b"\xab" * 4096 + data[65536 + 4096 :]
+        buf = mmap.mmap(-1, 4 * 65536)
+        for offset, length in [(0, 2 * 65536), (65536, 65536), (2 * 65536, 65536 + 1000), (100, 4000)]:
+            part = memoryview(buf)[:length]
+            view.read_into(offset, part)
+            assert bytes(part) == data[offset : offset + length] == view.read(offset, length)
+            part.release()
+        with pytest.raises(InvalidInput):
+            view.read_into(size - 10, memoryview(buf)[:20])
+    finally:
+        view.close()

@@ -106,6 +106,34 @@ def test_base_plus_changes_equals_expected_and_is_canonical(data: st.DataObject)
     assert list(IndexReader(store, CODEC, ref1).diff(ref2)) == want
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_set_run_equals_setting_each_chunk(data: st.DataObject) -> None:
+    size = data.draw(st.integers(1, 2000 * CHUNK_SIZE))
+    n = chunk_count(size)
+    store = MemoryChunkStore()
+    base = build(store, size, data.draw(disk_entries(size)))
+    runs = data.draw(
+        st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, 700), st.integers(0, 2**32)), max_size=6)
+    )
+    spill = data.draw(st.sampled_from([2, 8192]))  # also across spilled leaves
+    by_run = IndexWriter(store, CODEC, size, base, max_dirty_leaves=spill)
+    by_one = IndexWriter(store, CODEC, size, base, max_dirty_leaves=spill)
+    for first, length, seed in runs:
+        ids = [ZERO_ID if (seed + i) % 5 == 0 else fake_id(seed + i) for i in range(min(length, n - first))]
+        by_run.set_run(first, ids)
+        by_one.set_many((first + i, cid) for i, cid in enumerate(ids))
+    assert by_run.commit() == by_one.commit()
+
+
+def test_set_run_beyond_the_disk_is_refused_and_changes_nothing() -> None:
+    store = MemoryChunkStore()
+    w = IndexWriter(store, CODEC, 10 * CHUNK_SIZE, None)
+    with pytest.raises(OutOfRange):
+        w.set_run(8, [fake_id(1), fake_id(2), fake_id(3)])
+    assert w.commit() == build(MemoryChunkStore(), 10 * CHUNK_SIZE, {})
+
+
 def test_never_written_disk_costs_nothing() -> None:
     store = MemoryChunkStore()
     w = IndexWriter(store, CODEC, 100 * GIB, None)

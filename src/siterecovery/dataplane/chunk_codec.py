@@ -58,6 +58,8 @@ MAX_PLAINTEXT = 16 * 1024 * 1024
 _PARALLEL_HASH_MIN = 1024 * 1024
 
 _ZERO_CHUNK = bytes(CHUNK_SIZE)
+_HEADER_ZSTD = bytes((FORMAT_VERSION, CODEC_ZSTD))
+_HEADER_RAW = bytes((FORMAT_VERSION, CODEC_RAW))
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
@@ -73,9 +75,17 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     return data == bytes(n)
 
 
+_PROBE = 64
+_ZERO_PROBE = bytes(_PROBE)
+
+
 def is_zero_at(data: bytes | bytearray | memoryview, offset: int, length: int) -> bool:
     """True if ``data[offset:offset + length]`` is all zeros, without copying that slice."""
     if isinstance(data, memoryview) or length > CHUNK_SIZE:
+        # A chunk of data almost never starts with 64 zero bytes: decide from those alone
+        # before copying the whole chunk out of the view (a copy that holds the GIL).
+        if length > _PROBE and bytes(data[offset : offset + _PROBE]) != _ZERO_PROBE:
+            return False
         return is_zero(data[offset : offset + length])
     # startswith compares in place (memcmp); slicing bytes would copy the chunk first.
     return offset + length <= len(data) and data.startswith(_ZERO_CHUNK[:length], offset)
@@ -126,13 +136,13 @@ class ChunkCodec:
             )
         packed = self._compressor().compress(plaintext)
         if len(packed) < len(plaintext):
-            header = bytes((FORMAT_VERSION, CODEC_ZSTD))
+            header = _HEADER_ZSTD
             payload: bytes | bytearray | memoryview = packed
         else:
-            header = bytes((FORMAT_VERSION, CODEC_RAW))
+            header = _HEADER_RAW
             payload = plaintext
         nonce = os.urandom(NONCE_SIZE)
-        sealed = self._aead(chunk_id).encrypt(nonce, bytes(payload), header + chunk_id)
+        sealed = self._aead(chunk_id).encrypt(nonce, payload, header + chunk_id)
         return b"".join((header, nonce, sealed))
 
     def decode(self, chunk_id: bytes, blob: bytes | bytearray | memoryview) -> bytes:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -451,6 +451,32 @@ class IndexWriter:
     def set_many(self, items: Iterable[tuple[int, bytes]]) -> None:
         for chunk_no, chunk_id in items:
             self.set(chunk_no, chunk_id)
+
+    def set_run(self, first: int, ids: Sequence[bytes]) -> None:
+        """``set(first + i, ids[i])`` for every ``i``: the ids of consecutive chunks, written
+        into each leaf with one slice assignment (the agent's path: a block at a time)."""
+        if not ids:
+            return
+        if not 0 <= first <= first + len(ids) <= self.n:
+            raise OutOfRange(
+                field="chunk numbers",
+                value=f"{first}..{first + len(ids) - 1}",
+                allowed=f"0..{self.n - 1} for a disk of {self.size} bytes",
+            )
+        if any(len(c) != ID_SIZE for c in ids):
+            raise InvalidInput(f"a chunk id is {ID_SIZE} bytes; one of the run is not.")
+        with self._lock:
+            self._check_open()
+            pos = 0
+            while pos < len(ids):
+                chunk_no = first + pos
+                take = min(len(ids) - pos, FANOUT - (chunk_no & 0xFF))
+                page = self._touch(0, chunk_no >> 8)
+                i = (chunk_no & 0xFF) * ID_SIZE
+                page[i : i + take * ID_SIZE] = b"".join(ids[pos : pos + take])
+                pos += take
+                if len(self._pending[0]) > self.max_dirty_leaves and self.depth > 1:
+                    self._write_level(0)
 
     def _write_page(self, level: int, p: int, page: bytearray) -> bytes:
         # Trim entries/children that start at or beyond the end of the disk.

@@ -91,6 +91,16 @@ class DiskView(Protocol):
         ...
 
 
+class ReadsInto(Protocol):
+    """A :class:`DiskView` may also offer ``read_into``; the agent then reads into buffers it
+    reuses (no allocation per read, and for raw files no copy through the page cache)."""
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the ``len(buf)`` bytes at ``offset`` (holes read as zeros).
+        ``buf`` is page-aligned when ``offset`` and ``len(buf)`` are multiples of 4096."""
+        ...
+
+
 class Snapshot(Protocol):
     disks: dict[str, DiskView]
     point_in_time: bool
