@@ -13,8 +13,10 @@ Scenarios (``--scenario`` may be repeated; default: all):
 3     the same change on a raw image (hash scan, no bitmap)
 4     failover materialization of scenario 2's newest point to a qcow2 disk (runs scenario 2
       first when it has not run in this invocation)
-5     sustained churn: 10 machines, each written at 5 MB/s for 3 minutes, replicating with a 5 s
-      crash-consistent frequency through the real control plane (vault, worker, demo workload)
+5     sustained churn: 10 machines, each written at 5 MB/s in 64 KiB random writes for 3
+      minutes, replicating with a 5 s crash-consistent frequency through the real control plane
+      (vault, worker, demo workload); ``--s5-io-size`` repeated runs it once per I/O size, stored
+      as scenario ``5`` (the first size) and ``5-<size>`` (the others)
 meta  metadata per recovery point: a 100 GiB disk whose every chunk holds data, then a point
       that changes ten chunks
 
@@ -84,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -102,6 +105,7 @@ import zstandard
 
 from siterecovery.adapters.sources.qemu_daemon import MachineDaemon
 from siterecovery.demo.fabric import fill_image, load_base, sidecar_path
+from siterecovery.demo.workload import check_io_size
 from siterecovery.errors import SiteRecoveryError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +115,7 @@ PY_SPY = str(ROOT / ".venv" / "bin" / "py-spy")
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 K64 = 65536
+S5_IO_SIZE = K64  # scenario 5's default bytes per write
 REF_ZSTD_LEVEL = 3  # zstd's own default level: the reference "compressed size" of the change
 RESTIC_PASSWORD = "siterecovery-benchmark"
 TOOLS = ("siterecovery", "rsync", "restic", "borg")
@@ -708,6 +713,7 @@ class Context:
     s5_seconds: float
     s5_rate: float
     s5_region_mib: int | None
+    s5_io_sizes: list[int] = field(default_factory=lambda: [S5_IO_SIZE])
     state: dict[str, Any] = field(default_factory=dict)
 
     def fresh(self, name: str) -> Path:
@@ -1087,18 +1093,20 @@ def scenario_meta(ctx: Context) -> dict[str, Any]:
     }
 
 
-def scenario_5(ctx: Context) -> dict[str, Any]:
+def scenario_5(ctx: Context, io_size: int | None = None) -> dict[str, Any]:
+    """Sustained churn; every writer writes ``io_size`` bytes (default: the first --s5-io-size) at a time."""
     from siterecovery.control import jobs, policies, protection, sites
     from siterecovery.control.vault import create_vault
     from siterecovery.control.worker import ensure_worker, stop_worker, worker_pid
     from siterecovery.demo.fabric import write_inventory
     from siterecovery.demo.workload import Workload
 
+    io = ctx.s5_io_sizes[0] if io_size is None else io_size
     n = ctx.s5_machines
     size = scaled(1 * GIB, ctx.scale)
     data = int(size * 0.25) // K64 * K64
     region_end = size if ctx.s5_region_mib is None else min(size, data + ctx.s5_region_mib * MIB)
-    root = ctx.fresh("s5")
+    root = ctx.fresh("s5" if io == ctx.s5_io_sizes[0] else f"s5-{io}")
     daemons: dict[str, MachineDaemon] = {}
     workloads: dict[str, Workload] = {}
     vault = None
@@ -1146,7 +1154,9 @@ def scenario_5(ctx: Context) -> dict[str, Any]:
         if wpid is None:
             raise BenchError("the vault's worker is not running after the initial replication.")
 
-        log(f"  churn: {n} writers at {ctx.s5_rate / 1e6:g} MB/s for {ctx.s5_seconds:g} s")
+        log(
+            f"  churn: {n} writers at {ctx.s5_rate / 1e6:g} MB/s in {_io(io)} writes for {ctx.s5_seconds:g} s"
+        )
         for i, name in enumerate(names):
             wl = Workload(
                 daemons[name].nbd_socket,
@@ -1155,6 +1165,7 @@ def scenario_5(ctx: Context) -> dict[str, Any]:
                 rate_bytes_s=ctx.s5_rate,
                 seed=500 + i,
                 machine_tag=name,
+                io_size=io,
             )
             wl.start()
             workloads[name] = wl
@@ -1239,15 +1250,31 @@ def scenario_5(ctx: Context) -> dict[str, Any]:
                 f"(achieved {min(slow.values()):g} to {max(slow.values()):g} MB/s): the machine could not "
                 "sustain the requested load, so the RPO figures are for a lighter churn than asked."
             )
+        written_all = sum(v["written_bytes"] for v in per_machine.values())
+        changed_all = sum(v["changed_chunk_bytes"] for v in per_machine.values())
+        amp = ratio(changed_all, written_all)
+        if io < K64 and amp is not None:
+            each = [
+                r
+                for v in per_machine.values()
+                if (r := ratio(v["changed_chunk_bytes"], v["written_bytes"])) is not None
+            ]
+            notes.append(
+                f"write amplification: each {_io(io)} random write dirties a whole 64 KiB chunk, so the "
+                f"changed data to replicate is {amp:.1f} times the written bytes ({_fmt_bytes(changed_all)} "
+                f"of changed chunks for {_fmt_bytes(written_all)} written; per machine "
+                f"{min(each):.1f} to {max(each):.1f} times: per_machine.changed_chunk_bytes vs "
+                "written_bytes). A chunk rewritten within one 5 s interval is replicated once."
+            )
         return {
-            "name": f"sustained churn: {n} machines at {ctx.s5_rate / 1e6:g} MB/s each for "
-            f"{ctx.s5_seconds:g} s, 5 s crash-consistent frequency",
+            "name": f"sustained churn: {n} machines at {ctx.s5_rate / 1e6:g} MB/s each in {_io(io)} "
+            f"random writes for {ctx.s5_seconds:g} s, 5 s crash-consistent frequency",
             "params": {
                 "machines": n,
                 "disk_bytes": size,
                 "data_bytes": data,
                 "workload_region": [data, region_end],
-                "write_size": 4096,
+                "io_size": io,
                 "rate_bytes_s": ctx.s5_rate,
                 "seconds": ctx.s5_seconds,
             },
@@ -1269,8 +1296,10 @@ def scenario_5(ctx: Context) -> dict[str, Any]:
                 f"cpu_s = the worker (control plane + agent + process server) + the {n} "
                 "qemu-storage-daemons during the window; the writers' CPU (the 'guests') is in "
                 "details.cpu_s.writers. Everything shares the machine's 2 cores.",
-                "The workload writes 4 KiB blocks at uniformly random offsets of its region; each "
-                "touches a whole 64 KiB chunk, see per_machine.changed_chunk_bytes vs written_bytes.",
+                f"The workload writes {_io(io)} at a time (one NBD request) at uniformly random "
+                f"{_io(io)}-aligned offsets of its region; changed_chunk_bytes / written_bytes = "
+                + ("n/a" if amp is None else f"{amp:.2f}")
+                + " (per_machine has both figures).",
             ],
         }
     finally:
@@ -1285,6 +1314,10 @@ def scenario_5(ctx: Context) -> dict[str, Any]:
         for d in daemons.values():
             with contextlib.suppress(Exception):
                 d.stop()
+
+
+def _io(size: int) -> str:
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
 
 
 def _children_running(marker: str) -> list[int]:
@@ -1344,7 +1377,7 @@ def render(results: dict[str, Any]) -> str:
         for t in sc.get("targets", []):
             met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
             lines.append(f"  target: {t['target']}: {t['shown']} -> met: {met}")
-        if key == "5" and "siterecovery" in sc["tools"]:
+        if key.split("-")[0] == "5" and "siterecovery" in sc["tools"]:
             lines.append(
                 f"  {'machine':<8}{'p50':>8}{'p95':>8}{'max':>8}{'points':>8}{'cycle':>8}{'MB/s':>7}"
             )
@@ -1413,7 +1446,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="limit each writer to this many MiB (default: all free space)",
     )
+    p.add_argument(
+        "--s5-io-size",
+        type=int,
+        action="append",
+        metavar="BYTES",
+        help=f"bytes per write of scenario 5's writers (default {S5_IO_SIZE}); repeat to run scenario 5 "
+        "once per size: the first is stored as scenario 5, the others as 5-<size>",
+    )
     a = p.parse_args(argv)
+    io_sizes = a.s5_io_size or [S5_IO_SIZE]
+    for io in io_sizes:
+        try:
+            check_io_size(io)
+        except SiteRecoveryError as err:
+            p.error(f"--s5-io-size: {err}")
+    if len(set(io_sizes)) != len(io_sizes):
+        p.error(f"--s5-io-size: each size once, please (got {io_sizes})")
     for tool in ("rsync", "restic", "borg", "qemu-img", "qemu-storage-daemon"):
         if shutil.which(tool) is None:
             p.error(f"{tool} is not installed; run: bash benchmarks/setup")
@@ -1427,6 +1476,7 @@ def main(argv: list[str] | None = None) -> int:
         s5_seconds=a.s5_seconds,
         s5_rate=a.s5_rate,
         s5_region_mib=a.s5_region_mib,
+        s5_io_sizes=io_sizes,
     )
     results: dict[str, Any] = {
         "machine": machine_info(),
@@ -1441,20 +1491,30 @@ def main(argv: list[str] | None = None) -> int:
         "5": scenario_5,
         "meta": scenario_meta,
     }
-    t0 = time.monotonic()
+    # (result key, scenario, runner); scenario 5 runs once per I/O size: "5", then "5-<size>"
+    runs: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
     for key in chosen:
-        log(f"scenario {key}")
+        if key == "5":
+            runs += [
+                ("5" if i == 0 else f"5-{io}", key, functools.partial(scenario_5, ctx, io))
+                for i, io in enumerate(io_sizes)
+            ]
+        else:
+            runs.append((key, key, functools.partial(runners[key], ctx)))
+    t0 = time.monotonic()
+    for rkey, key, run in runs:
+        log(f"scenario {rkey}")
         try:
-            results["scenarios"][key] = runners[key](ctx)
+            results["scenarios"][rkey] = run()
         except Exception as err:  # one failed scenario must not lose the others' figures
-            log(f"  scenario {key} FAILED: {type(err).__name__}: {err}")
-            results["scenarios"][key] = {"name": f"scenario {key}", "error": f"{type(err).__name__}: {err}"}
+            log(f"  scenario {rkey} FAILED: {type(err).__name__}: {err}")
+            results["scenarios"][rkey] = {"name": f"scenario {rkey}", "error": f"{type(err).__name__}: {err}"}
         if key == "4" and "s2-result" in ctx.state and "2" not in results["scenarios"]:
             results["scenarios"]["2"] = ctx.state.pop("s2-result")
         _write_json(a.json, results)
         if not ctx.keep and key in ("1", "3", "5", "meta"):
             shutil.rmtree(
-                ctx.work / "run" / key if key == "meta" else ctx.work / "run" / f"s{key}", ignore_errors=True
+                ctx.work / "run" / key if key == "meta" else ctx.work / "run" / f"s{rkey}", ignore_errors=True
             )
     results["params"]["total_s"] = round(time.monotonic() - t0, 1)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

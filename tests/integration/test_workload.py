@@ -7,6 +7,7 @@ writes spread over both disks (and a few overwrites).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -27,17 +28,21 @@ from siterecovery.demo.verify import (
 )
 from siterecovery.demo.workload import (
     BLOCK_SIZE,
+    LOG_HEADER_SIZE,
     BlockError,
     LogHeader,
     Workload,
     decode_block,
     encode_log_header,
     make_block,
+    make_write,
     read_log,
 )
+from siterecovery.demo.workload import main as workload_main
 from siterecovery.errors import InvalidInput, OutOfRange
 
 MiB = 1024 * 1024
+KiB64 = 64 * 1024
 SIZE = 32 * MiB
 DATA = 16 * MiB
 
@@ -259,3 +264,189 @@ def test_workload_reports_a_missing_export(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="disk1"):
             w.start()
     assert not os.path.exists(tmp_path / "x.wlog") or read_log(tmp_path / "x.wlog")[1] == []
+
+
+# --- I/O size -------------------------------------------------------------------------------
+
+
+def test_make_write_is_consecutive_blocks_of_one_seq() -> None:
+    data = make_write(7, "web01", 1, 42, 8 * MiB, KiB64, 123)
+    assert len(data) == KiB64
+    for i in range(0, KiB64, BLOCK_SIZE):
+        assert data[i : i + BLOCK_SIZE] == make_block(7, "web01", 1, 42, 8 * MiB + i, 123, i // BLOCK_SIZE)
+        head = decode_block(data[i : i + BLOCK_SIZE])
+        assert (head.seq, head.offset) == (42, 8 * MiB + i)
+    # Every block of a write has its own payload: a large write is as incompressible as real data.
+    assert len({data[i + 72 : i + BLOCK_SIZE] for i in range(0, KiB64, BLOCK_SIZE)}) == KiB64 // BLOCK_SIZE
+
+
+@pytest.mark.parametrize("bad", [0, 1000, 4097, 6144, 2 * MiB, -4096])
+def test_invalid_io_size_is_refused(tmp_path: Path, bad: int) -> None:
+    with pytest.raises(
+        OutOfRange, match=r"io_size .* allowed is a multiple of 4096 bytes from 4096 .* to 1048576"
+    ):
+        Workload(tmp_path / "nbd.sock", {"disk0": (DATA, SIZE)}, tmp_path / "x.wlog", io_size=bad)
+
+
+def test_region_without_room_for_one_write_is_refused(tmp_path: Path) -> None:
+    # 96 KiB from a 64 KiB boundary + 4 KiB: no whole 64 KiB-aligned slot fits
+    region = (DATA + BLOCK_SIZE, DATA + 100 * 1024)
+    with pytest.raises(OutOfRange, match="room for at least one 65536-aligned 65536-byte write"):
+        Workload(tmp_path / "nbd.sock", {"disk0": region}, tmp_path / "x.wlog", io_size=KiB64)
+    Workload(tmp_path / "nbd.sock", {"disk0": region}, tmp_path / "x.wlog", io_size=BLOCK_SIZE)
+
+
+def test_writer_cli_refuses_invalid_io_size(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--nbd", "/nonexistent", "--disk", f"disk0:{DATA}:{SIZE}", "--log", "/nonexistent/x", "--io-size"]
+    with pytest.raises(SystemExit) as exc:
+        workload_main([*argv, "5000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "io_size 5000 is out of range: allowed is a multiple of 4096 bytes from 4096" in err
+
+
+def test_log_without_io_size_reads_as_4096(tmp_path: Path) -> None:
+    """A log written before io_size existed has no such key: its writes were 4 KiB."""
+    header = encode_log_header(LogHeader(seed=1, machine_tag="web01", disks=[("disk0", DATA, SIZE)]))
+    n = int.from_bytes(header[12:16], "little")
+    doc = json.loads(header[16 : 16 + n])
+    del doc["io_size"]
+    body = json.dumps(doc).encode()
+    old = (header[:12] + len(body).to_bytes(4, "little") + body).ljust(LOG_HEADER_SIZE, b"\0")
+    (tmp_path / "old.wlog").write_bytes(old)
+    assert read_log(tmp_path / "old.wlog")[0].io_size == BLOCK_SIZE
+    new = encode_log_header(
+        LogHeader(seed=1, machine_tag="web01", disks=[("disk0", DATA, SIZE)], io_size=KiB64)
+    )
+    (tmp_path / "new.wlog").write_bytes(new)
+    assert read_log(tmp_path / "new.wlog")[0].io_size == KiB64
+
+
+def small_regions(base: dict[str, BaseInfo]) -> dict[str, tuple[int, int]]:
+    """1 MiB per disk (16 slots of 64 KiB): a second of writing rewrites most slots."""
+    return {name: (b.workload_region[0], b.workload_region[0] + MiB) for name, b in base.items()}
+
+
+@pytest.mark.integration
+@needs_qemu
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_64k_workload_then_verify_live_and_stopped_disks(tmp_path: Path, fmt: str) -> None:
+    images, base = make_machine(tmp_path, fmt)
+    log = tmp_path / "web01.wlog"
+    with serve_images(images, writable=True, fmt=fmt) as srv:  # type: ignore[arg-type]
+        w = Workload(
+            srv.socket,
+            regions(base),
+            log,
+            rate_bytes_s=4_000_000,
+            seed=11,
+            machine_tag="web01",
+            io_size=KiB64,
+        )
+        stats = w.run_for(1.5)
+        assert stats.writes > 40 and stats.last_seq == stats.writes
+        assert stats.bytes == stats.writes * KiB64
+        header, records = read_log(log)
+        assert header.io_size == KiB64 and len(records) == stats.writes
+        assert {r.disk for r in records} == {0, 1}
+        assert all(r.offset % KiB64 == 0 and DATA <= r.offset <= SIZE - KiB64 for r in records)
+        with nbd_reader(srv.socket, list(images)) as r:
+            last = records[-1]  # nothing overwrote the last write: all of its blocks are there
+            data = r.read(f"disk{last.disk}", last.offset, KiB64)
+            heads = [decode_block(data[i : i + BLOCK_SIZE]) for i in range(0, KiB64, BLOCK_SIZE)]
+            assert {h.seq for h in heads} == {last.seq}
+            assert [h.offset for h in heads] == list(range(last.offset, last.offset + KiB64, BLOCK_SIZE))
+            live = verify_machine(r, disk_specs_from_log(log), log, base)
+    assert live.ok, live.problems
+    assert live.max_seq == stats.last_seq
+    assert live.writes_checked == len({(r.disk, r.offset) for r in records})
+    assert "of 64 KiB" in live.detail
+    reader = qcow2_reader(images) if fmt == "qcow2" else raw_reader(images)
+    with reader as r:
+        stopped = verify_machine(r, disk_specs(regions(base)), log, base)
+    assert stopped.ok, stopped.problems
+    assert stopped.max_seq == stats.last_seq
+
+
+def _run_64k(tmp_path: Path, srv_socket: Path, base: dict[str, BaseInfo], seed: int) -> Path:
+    log = tmp_path / "web01.wlog"
+    Workload(
+        srv_socket,
+        small_regions(base),
+        log,
+        rate_bytes_s=4_000_000,
+        seed=seed,
+        machine_tag="web01",
+        io_size=KiB64,
+    ).run_for(1.0)
+    return log
+
+
+@pytest.mark.integration
+@needs_qemu
+@pytest.mark.parametrize("torn_with", ["zeros", "previous"])
+def test_torn_64k_write_is_reported(tmp_path: Path, torn_with: str) -> None:
+    images, base = make_machine(tmp_path)
+    with serve_images(images, writable=True) as srv:
+        log = _run_64k(tmp_path, srv.socket, base, seed=21)
+        header, records = read_log(log)
+        latest = {(r.disk, r.offset): r for r in records}  # the write each slot holds now
+        if torn_with == "zeros":
+            victim = latest[(records[-1].disk, records[-1].offset)]
+            assert victim.seq == records[-1].seq
+            block = bytes(BLOCK_SIZE)  # the 6th block back to zeros: a write that landed only in part
+            before = "zeros"
+        else:
+            # a slot written twice: put back the earlier write's 6th block, as if the later
+            # write had landed only partly on top of it
+            victim, prev = next(
+                (v, p)
+                for v in reversed(latest.values())
+                for p in reversed(records[: v.seq - 1])
+                if (p.disk, p.offset) == (v.disk, v.offset)
+            )
+            block = make_block(21, "web01", prev.disk, prev.seq, prev.offset + 5 * BLOCK_SIZE, 1, part=5)
+            before = f"seq {prev.seq}"
+        disk = f"disk{victim.disk}"
+        overwrite(srv.socket, disk, victim.offset + 5 * BLOCK_SIZE, block)
+        with nbd_reader(srv.socket, list(images)) as r:
+            result = verify_machine(r, disk_specs(small_regions(base)), log, base)
+    assert not result.ok
+    assert result.problem_count == 1, result.problems
+    (problem,) = result.problems
+    assert problem.startswith(f"{disk} offset {victim.offset:#x}: torn write: the 65536-byte slot holds ")
+    assert f"seq {victim.seq} in blocks 0-4, {before} in block 5, seq {victim.seq} in blocks 6-15" in problem
+
+
+@pytest.mark.integration
+@needs_qemu
+def test_unlogged_64k_writes_verify_but_one_seq_twice_does_not(tmp_path: Path) -> None:
+    images, base = make_machine(tmp_path)
+    with serve_images(images, writable=True) as srv:
+        full = _run_64k(tmp_path, srv.socket, base, seed=31)
+        _, records = read_log(full)
+        # What a writer killed before its last log flushes leaves: the disks hold writes the
+        # log does not list (the last 5 here, each of 16 blocks).
+        cut = tmp_path / "cut.wlog"
+        cut.write_bytes(full.read_bytes()[: LOG_HEADER_SIZE + (len(records) - 5) * 32])
+        with nbd_reader(srv.socket, list(images)) as r:
+            result = verify_machine(r, disk_specs(small_regions(base)), cut, base)
+        assert result.ok, result.problems
+        assert result.last_logged_seq == len(records) - 5 and result.max_seq == len(records)
+        latest = {(r.disk, r.offset): r.seq for r in records}
+        assert result.unlogged == sum(1 for s in latest.values() if s > len(records) - 5) >= 1
+
+        # A second, different write claiming the last seq, whole and valid, on top of a slot
+        # that holds a logged write: refused.
+        last = records[-1]
+        slot = next(
+            k for k, seq in latest.items() if seq <= len(records) - 5 and k != (last.disk, last.offset)
+        )
+        write = make_write(31, "web01", slot[0], last.seq, slot[1], KiB64, 1)
+        overwrite(srv.socket, f"disk{slot[0]}", slot[1], write)
+        with nbd_reader(srv.socket, list(images)) as r:
+            result = verify_machine(r, disk_specs(small_regions(base)), cut, base)
+    assert not result.ok
+    assert result.problem_count == 1, result.problems
+    assert f"seq {last.seq} also found at disk" in result.problems[0]
+    assert "a write happens once" in result.problems[0]

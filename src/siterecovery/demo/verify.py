@@ -1,21 +1,30 @@
 """Proving a recovered point: is it the base plus a prefix of the workload's write sequence?
 
-The demo workload (:mod:`siterecovery.demo.workload`) writes self-describing 4 KiB blocks to a
-machine's disks ONE at a time, numbering them with a single sequence ``seq`` across all disks,
-and logs each completed write. A recovered copy of the disks is correct and crash-consistent
-across the machine iff, for ``M`` = the highest valid seq found on any of its disks:
+The demo workload (:mod:`siterecovery.demo.workload`) writes to a machine's disks ONE write at
+a time, numbering the writes with a single sequence ``seq`` across all disks, and logs each
+completed write. A write is ``io_size`` bytes (from the log's header; 4096 for a log that
+predates the field) at an io_size-aligned *slot* of a disk's workload region, made of
+``io_size // 4096`` self-describing 4 KiB blocks that all carry its seq, each with its own
+offset. Slots never overlap, so every slot holds the whole of its latest write or is still zero.
+A recovered copy of the disks is correct and crash-consistent across the machine iff, for
+``M`` = the highest valid seq found on any of its disks:
 
 * every data-region chunk hashes to the base sidecar's hash (:mod:`siterecovery.demo.fabric`);
-* every location the log wrote with seq <= M holds the *latest* such write;
+* every slot the log wrote with seq <= M holds, in each of its blocks, the *latest* such write;
 * every other workload-region location is still zero.
 
 Such a state is exactly what a crash after write M would leave, so it proves the point is a
 prefix of the global write order (a disk rolled back or ahead of the others breaks it).
 
+Torn writes: a slot whose blocks do not all hold the same thing (some blocks of one seq, the
+others zeros or another seq) is a problem, even for the last write: the workload sends each
+write as ONE request and a point-in-time view (a snapshot, a crash) never splits a request.
+
 Unlogged tail: a writer killed before flushing its log may have completed writes L+1..M that
-the log (ending at L) does not list. A valid block (good checksum, right disk, offset, tag and
-payload) with seq > L is accepted where it lies, as long as no other block carries the same seq;
-such blocks are counted in ``VerifyResult.unlogged``.
+the log (ending at L) does not list. Valid blocks (good checksum, right disk, offset, tag and
+payload) with a seq > L are accepted where they lie if they fill exactly one slot of one disk,
+all of its blocks (one write), and no other block carries the same seq (two writes never share
+a seq); such writes are counted in ``VerifyResult.unlogged``.
 
 Reading: ``read(disk, offset, length)`` is called with large, 4 KiB-aligned requests, from one
 thread per disk (never concurrently for the same disk). If the reader also has
@@ -43,6 +52,7 @@ from siterecovery.demo.workload import (
     BlockError,
     BlockHeader,
     decode_block,
+    io_slots,
     payload,
     read_log,
 )
@@ -80,12 +90,12 @@ def disk_specs_from_log(log_path: Path) -> dict[str, DiskSpec]:
 class VerifyResult:
     ok: bool
     max_seq: int  # M: highest valid seq found on any disk (0: no workload write present)
-    writes_checked: int  # written locations whose expected block (seq <= M) was found
+    writes_checked: int  # written slots whose expected write (seq <= M) was found whole
     bytes_checked: int  # bytes read from the disks
     problems: list[str] = field(default_factory=list)  # first max_problems, human-readable
     detail: str = ""
     last_logged_seq: int = 0  # L: the log's last record
-    unlogged: int = 0  # valid blocks with seq > L (written after the log's last flush)
+    unlogged: int = 0  # whole writes with seq > L found (written after the log's last flush)
     problem_count: int = 0  # all problems, including those not kept in ``problems``
     max_seq_time_ns: int = 0  # wall-clock time of write M (epoch ns): the point's time
 
@@ -104,7 +114,8 @@ class _Problems:
 
 @dataclass
 class _DiskScan:
-    found: dict[int, BlockHeader] = field(default_factory=dict)
+    found: dict[int, BlockHeader] = field(default_factory=dict)  # valid blocks by offset
+    bad: set[int] = field(default_factory=set)  # offsets of non-zero blocks that are not valid
     problems: list[str] = field(default_factory=list)
     bytes_read: int = 0
     chunks_checked: int = 0
@@ -156,7 +167,15 @@ def verify_machine(
 
     def scan(name: str) -> _DiskScan:
         return _scan_disk(
-            read, allocated, size_of, name, disks[name], base[name], header.seed, header.machine_tag
+            read,
+            allocated,
+            size_of,
+            name,
+            disks[name],
+            base[name],
+            header.seed,
+            header.machine_tag,
+            header.io_size,
         )
 
     with ThreadPoolExecutor(max_workers=min(len(disks), os.cpu_count() or 1, 4) or 1) as pool:
@@ -174,48 +193,84 @@ def verify_machine(
             if h.seq > max_seq:
                 max_seq, max_seq_time = h.seq, h.time_ns
 
-    # Expected state: the latest logged write with seq <= M at each location.
+    io = header.io_size
+    per_write = io // BLOCK_SIZE
+
+    # Expected state: the latest logged write with seq <= M in each slot.
     expected: dict[tuple[int, int], int] = {}
     for rec in records[:max_seq]:
         spec_name = name_of.get(rec.disk)
         if spec_name is None:
             problems.add(f"workload log record seq {rec.seq} names disk index {rec.disk}, which is not given")
             continue
+        start, end = disks[spec_name].region
+        if rec.offset % io or rec.offset < start or rec.offset + io > end:
+            problems.add(
+                f"workload log record seq {rec.seq} puts a {io}-byte write at {spec_name} offset "
+                f"{rec.offset:#x}, which is not an {io}-aligned slot of the region [{start:#x}, {end:#x})"
+            )
+            continue
         expected[(rec.disk, rec.offset)] = rec.seq
+
+    # Every slot that must hold a write or holds any valid block, with what each block holds.
+    slots: set[tuple[int, int]] = set(expected)
+    for name, spec in disks.items():
+        start, end = spec.region
+        first, count = io_slots(start, end, io)
+        for offset, block in scans[name].found.items():
+            slot = offset - offset % io
+            if slot < first or slot >= first + count * io:
+                problems.add(
+                    f"{name} offset {offset:#x}: workload block seq {block.seq} lies outside every "
+                    f"{io}-aligned {io}-byte slot of the region, where no write goes"
+                )
+            else:
+                slots.add((spec.index, slot))
 
     writes_checked = 0
     unlogged_seen: dict[int, tuple[str, int]] = {}
-    for (disk_index, offset), want in sorted(expected.items()):
+    for disk_index, slot in sorted(slots):
         name = name_of[disk_index]
-        got = scans[name].found.get(offset)
+        scan_of = scans[name]
+        want = expected.get((disk_index, slot))
+        offsets = range(slot, slot + io, BLOCK_SIZE)
+        if any(o in scan_of.bad for o in offsets):
+            continue  # a corrupt block: reported by the scan already
+        held = [b.seq if (b := scan_of.found.get(o)) is not None else None for o in offsets]
+        if len(set(held)) > 1:
+            problems.add(
+                f"{name} offset {slot:#x}: torn write: the {io}-byte slot holds {_runs(held)}"
+                f"{f' (expected seq {want})' if want is not None else ''}; a point-in-time copy "
+                "holds all blocks of a write or none"
+            )
+            continue
+        got = held[0]
         if got is None:
-            problems.add(f"{name} offset {offset:#x}: expected seq {want}, found zeros (write missing)")
-        elif got.seq == want:
+            if want is not None:
+                problems.add(f"{name} offset {slot:#x}: expected seq {want}, found zeros (write missing)")
+        elif got == want:
             writes_checked += 1
-        elif got.seq > last_logged:
-            pass  # an unlogged write overwrote it; counted below
+        elif got > last_logged:
+            # An unlogged write (whole, in one slot) that may have overwritten a logged one.
+            other = unlogged_seen.get(got)
+            if other is not None:
+                problems.add(
+                    f"{name} offset {slot:#x}: seq {got} also found at {other[0]} "
+                    f"offset {other[1]:#x}; a write happens once"
+                )
+            unlogged_seen[got] = (name, slot)
+        elif want is None:
+            rec = records[got - 1]
+            problems.add(
+                f"{name} offset {slot:#x}: expected zeros (no logged write <= seq {max_seq} here), "
+                f"found seq {got}, which the log puts at {name_of.get(rec.disk, rec.disk)} "
+                f"offset {rec.offset:#x}"
+            )
         else:
             problems.add(
-                f"{name} offset {offset:#x}: expected seq {want}, found seq {got.seq}"
-                f"{' (older: rolled back)' if got.seq < want else ''}"
+                f"{name} offset {slot:#x}: expected seq {want}, found seq {got}"
+                f"{' (older: rolled back)' if got < want else ''}"
             )
-    for name, spec in disks.items():
-        for offset, got in scans[name].found.items():
-            if got.seq > last_logged:
-                other = unlogged_seen.get(got.seq)
-                if other is not None:
-                    problems.add(
-                        f"{name} offset {offset:#x}: seq {got.seq} also found at {other[0]} "
-                        f"offset {other[1]:#x}; a write happens once"
-                    )
-                unlogged_seen[got.seq] = (name, offset)
-            elif (spec.index, offset) not in expected:
-                rec = records[got.seq - 1]
-                problems.add(
-                    f"{name} offset {offset:#x}: expected zeros (no logged write <= seq {max_seq} here), "
-                    f"found seq {got.seq}, which the log puts at {name_of.get(rec.disk, rec.disk)} "
-                    f"offset {rec.offset:#x}"
-                )
 
     chunks = sum(s.chunks_checked for s in scans.values())
     ok = problems.count == 0
@@ -223,7 +278,8 @@ def verify_machine(
         detail = (
             f"ok: {len(disks)} disk(s) = base + writes 1..{max_seq} (log ends at {last_logged}"
             f"{f', {len(unlogged_seen)} unlogged' if unlogged_seen else ''}); {writes_checked} written "
-            f"locations and {chunks} base chunks checked, {bytes_checked / 2**20:.1f} MiB read"
+            f"locations{f' of {io // 1024} KiB' if per_write > 1 else ''} and {chunks} base chunks "
+            f"checked, {bytes_checked / 2**20:.1f} MiB read"
         )
     else:
         detail = (
@@ -252,6 +308,7 @@ def _scan_disk(
     base: BaseInfo,
     seed: int,
     tag: str,
+    io_size: int,
 ) -> _DiskScan:
     out = _DiskScan()
     if size_of is not None:
@@ -295,6 +352,7 @@ def _scan_disk(
                     continue
                 at = off + i
                 if block[:8] != BLOCK_MAGIC:
+                    out.bad.add(at)
                     out.problems.append(
                         f"{name} offset {at:#x}: neither zeros nor a workload block (garbage)"
                     )
@@ -302,16 +360,33 @@ def _scan_disk(
                 try:
                     head = decode_block(block)
                 except BlockError as err:
+                    out.bad.add(at)
                     out.problems.append(f"{name} offset {at:#x}: corrupt workload block: {err}")
                     continue
                 wrong = _misplaced(head, at, spec.index, tag)
-                if wrong is None and block[PAYLOAD_OFFSET:] != payload(seed, head.seq):
+                part = (at % io_size) // BLOCK_SIZE  # slots are io_size-aligned disk offsets
+                if wrong is None and block[PAYLOAD_OFFSET:] != payload(seed, head.seq, part):
                     wrong = "payload is not the workload's for this seed (block from another run?)"
                 if wrong is not None:
+                    out.bad.add(at)
                     out.problems.append(f"{name} offset {at:#x}: workload block seq {head.seq} {wrong}")
                     continue
                 out.found[at] = head
     return out
+
+
+def _runs(held: list[int | None]) -> str:
+    """``[5, 5, None, 9]`` -> ``"seq 5 in blocks 0-1, zeros in block 2, seq 9 in block 3"``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(held):
+        j = i
+        while j + 1 < len(held) and held[j + 1] == held[i]:
+            j += 1
+        what = "zeros" if held[i] is None else f"seq {held[i]}"
+        parts.append(f"{what} in block{f's {i}-{j}' if j > i else f' {i}'}")
+        i = j + 1
+    return ", ".join(parts)
 
 
 def _misplaced(h: BlockHeader, at: int, index: int, tag: str) -> str | None:

@@ -1,12 +1,17 @@
 """A demo "guest" that writes verifiable data to a machine's disks over NBD.
 
-The workload writes fixed 4 KiB blocks at 4 KiB-aligned pseudo-random offsets inside each
-disk's *workload region* (the zero-initialised part after the data region, see
-:mod:`siterecovery.demo.fabric`), choosing a disk at random for each write. Writes happen ONE
-at a time: write n has completed (the NBD server replied) before write n+1 is sent, so the
-writes of all disks form a single global sequence ``seq = 1, 2, 3, ...``. A recovered copy of
-the disks is crash-consistent iff it equals the base plus a prefix of that sequence; that is
-what :mod:`siterecovery.demo.verify` checks.
+The workload writes into each disk's *workload region* (the zero-initialised part after the data
+region, see :mod:`siterecovery.demo.fabric`), choosing a disk at random for each write. One
+write is ``io_size`` bytes (a multiple of 4 KiB from 4 KiB to 1 MiB; 4 KiB by default) sent as
+ONE NBD write request to a pseudo-random *slot*: an ``io_size``-aligned disk offset (aligned to
+the disk, not to the region) such that ``[offset, offset + io_size)`` lies entirely inside the
+region. Slots never overlap, so a later write to a slot replaces all of an earlier one. The
+write is ``io_size // 4096`` consecutive 4 KiB blocks (format below) that all carry the write's
+``seq`` and time, each with its own offset. Writes happen ONE at a time: write n has completed
+(the NBD server replied) before write n+1 is sent, so the writes of all disks form a single
+global sequence ``seq = 1, 2, 3, ...``. A recovered copy of the disks is crash-consistent iff it
+equals the base plus a prefix of that sequence; that is what :mod:`siterecovery.demo.verify`
+checks. The rate is in bytes/s whatever the I/O size: a write is due every ``io_size / rate`` s.
 
 Block format (4096 bytes, little-endian)::
 
@@ -19,16 +24,21 @@ Block format (4096 bytes, little-endian)::
     40  u64  offset of the block on its disk
     48  u64  wall-clock time of the write, ns since the epoch
     56  16s  checksum: BLAKE3 (first 16 bytes) of the whole block with this field zeroed
-    72  ...  payload: BLAKE3 XOF of (seed, seq), so it cannot be confused with base data
+    72  ...  payload: BLAKE3 XOF of (seed, seq), piece k for the k-th block of a write, so it
+             cannot be confused with base data
 
 Log format (the ground truth for verification; append-only)::
 
     header (4096 bytes): b"SRDEMOWL", u32 version (1), u32 n, n bytes of UTF-8 JSON
-        {"seed", "machine_tag", "block_size", "record_size", "disks": [{"name", "start", "end"}]},
+        {"seed", "machine_tag", "block_size", "record_size", "io_size",
+         "disks": [{"name", "start", "end"}]},
         zero padding
     records (32 bytes each): u64 seq, u16 disk index, 6 bytes zero, u64 offset, u64 monotonic ns
 
-A record is appended after its write completed. Records are flushed to the file every
+One record per write; its offset is the write's first (lowest) block, so it covers
+``[offset, offset + io_size)``. ``io_size`` was added to the header without a version change:
+a log without it (written before I/O sizes existed) is read as ``io_size`` 4096, which is what
+it was. A record is appended after its write completed. Records are flushed to the file every
 ``flush_interval_s`` (0.2 s by default), when paused and on stop; a workload killed with
 SIGKILL may therefore have written up to that much more than its log says (the verifier accepts
 such an unlogged tail). A torn last record is ignored by readers.
@@ -81,6 +91,8 @@ _RECORD = struct.Struct("<QH6xQQ")
 RECORD_SIZE = _RECORD.size  # 32
 TAG_LEN = 16
 DEFAULT_RATE = 1_000_000
+DEFAULT_IO_SIZE = BLOCK_SIZE
+MAX_IO_SIZE = 1024 * 1024
 # If the writer falls this far behind its schedule (slow server, pause), it rebases the
 # schedule instead of bursting to catch up: the target rate is an average, not a debt.
 _MAX_LAG_S = 0.25
@@ -113,19 +125,23 @@ class LogHeader:
     disks: list[tuple[str, int, int]]  # (name, region start, region end) in disk-index order
     block_size: int = BLOCK_SIZE
     record_size: int = RECORD_SIZE
+    io_size: int = DEFAULT_IO_SIZE  # bytes per write (and per log record)
 
 
 @dataclass(frozen=True)
 class WorkloadStats:
     writes: int  # completed writes the log records (lags by at most the flush interval)
-    bytes: int
+    bytes: int  # writes * io_size
     last_seq: int
 
 
-def payload(seed: int, seq: int) -> bytes:
-    """The payload of block ``seq`` of the workload with ``seed``."""
+def payload(seed: int, seq: int, part: int = 0) -> bytes:
+    """The payload of block ``part`` (0 for the first) of write ``seq`` of the workload with
+    ``seed``: consecutive pieces of one BLAKE3 output stream, so the blocks of a large write
+    are all different (and as incompressible as a guest's real data), and a 4 KiB write's
+    single block has the same payload it always had."""
     return blake3.blake3(struct.pack("<QQ", seed & (2**64 - 1), seq), key=_PAYLOAD_KEY).digest(
-        length=PAYLOAD_LEN
+        length=PAYLOAD_LEN, seek=part * PAYLOAD_LEN
     )
 
 
@@ -136,14 +152,49 @@ def _encode_tag(tag: str) -> bytes:
     return raw.ljust(TAG_LEN, b"\0")
 
 
-def make_block(seed: int, tag: str, disk: int, seq: int, offset: int, time_ns: int) -> bytes:
-    """One self-describing workload block (see the module docstring for the layout)."""
-    head = _BLOCK_HEADER.pack(
-        BLOCK_MAGIC, BLOCK_VERSION, disk, BLOCK_SIZE, _encode_tag(tag), seq, offset, time_ns, _ZERO_CHECKSUM
+def make_block(seed: int, tag: str, disk: int, seq: int, offset: int, time_ns: int, part: int = 0) -> bytes:
+    """One self-describing workload block, the ``part``-th of its write (see the module
+    docstring for the layout)."""
+    return _block(_encode_tag(tag), disk, seq, offset, time_ns, payload(seed, seq, part))
+
+
+def make_write(seed: int, tag: str, disk: int, seq: int, offset: int, io_size: int, time_ns: int) -> bytes:
+    """The ``io_size`` bytes of write ``seq`` at ``offset``: consecutive blocks, one seq."""
+    raw_tag = _encode_tag(tag)
+    return b"".join(
+        _block(raw_tag, disk, seq, offset + i, time_ns, payload(seed, seq, i // BLOCK_SIZE))
+        for i in range(0, io_size, BLOCK_SIZE)
     )
-    body = payload(seed, seq)
+
+
+def _block(raw_tag: bytes, disk: int, seq: int, offset: int, time_ns: int, body: bytes) -> bytes:
+    head = _BLOCK_HEADER.pack(
+        BLOCK_MAGIC, BLOCK_VERSION, disk, BLOCK_SIZE, raw_tag, seq, offset, time_ns, _ZERO_CHECKSUM
+    )
     checksum = blake3.blake3(head + body).digest(length=CHECKSUM_LEN)
     return head[:CHECKSUM_OFFSET] + checksum + body
+
+
+def check_io_size(io_size: int) -> int:
+    """``io_size`` if it is a multiple of 4 KiB from 4 KiB to 1 MiB, else :class:`OutOfRange`."""
+    if (
+        isinstance(io_size, bool)
+        or not isinstance(io_size, int)
+        or not (BLOCK_SIZE <= io_size <= MAX_IO_SIZE and io_size % BLOCK_SIZE == 0)
+    ):
+        raise OutOfRange(
+            field="io_size",
+            value=repr(io_size),
+            allowed=f"a multiple of {BLOCK_SIZE} bytes from {BLOCK_SIZE} (4 KiB) to {MAX_IO_SIZE} "
+            "(1 MiB), e.g. 4096, 16384, 65536",
+        )
+    return io_size
+
+
+def io_slots(start: int, end: int, io_size: int) -> tuple[int, int]:
+    """``(first, count)``: the io_size-aligned slots ``first + k * io_size`` inside [start, end)."""
+    first = -(-start // io_size) * io_size
+    return first, max(0, (end - first) // io_size)
 
 
 def decode_block(block: bytes | memoryview) -> BlockHeader:
@@ -173,6 +224,7 @@ def encode_log_header(header: LogHeader) -> bytes:
         "machine_tag": header.machine_tag,
         "block_size": header.block_size,
         "record_size": header.record_size,
+        "io_size": header.io_size,
         "disks": [{"name": n, "start": s, "end": e} for n, s, e in header.disks],
     }
     body = json.dumps(doc, separators=(",", ":")).encode()
@@ -202,20 +254,26 @@ def read_log(path: Path) -> tuple[LogHeader, list[LogRecord]]:
         disks=[(str(d["name"]), int(d["start"]), int(d["end"])) for d in doc["disks"]],
         block_size=int(doc["block_size"]),
         record_size=int(doc["record_size"]),
+        io_size=int(doc.get("io_size", DEFAULT_IO_SIZE)),  # absent: a log from before io_size
     )
+    try:
+        check_io_size(header.io_size)
+    except OutOfRange as err:
+        raise InvalidInput(f"workload log {path} is damaged: its header's {err}") from None
     end = LOG_HEADER_SIZE + (len(data) - LOG_HEADER_SIZE) // RECORD_SIZE * RECORD_SIZE
     records = [LogRecord(*r) for r in _RECORD.iter_unpack(memoryview(data)[LOG_HEADER_SIZE:end])]
     return header, records
 
 
-def _check_region(name: str, region: tuple[int, int]) -> tuple[int, int]:
+def _check_region(name: str, region: tuple[int, int], io_size: int = DEFAULT_IO_SIZE) -> tuple[int, int]:
     start, end = int(region[0]), int(region[1])
     end -= end % BLOCK_SIZE
-    if start < 0 or start % BLOCK_SIZE or end - start < BLOCK_SIZE:
+    if start < 0 or start % BLOCK_SIZE or end <= start or io_slots(start, end, io_size)[1] < 1:
         raise OutOfRange(
             field=f"workload region of disk {name!r}",
             value=f"[{region[0]}, {region[1]})",
-            allowed=f"a {BLOCK_SIZE}-aligned start and room for at least one {BLOCK_SIZE}-byte block",
+            allowed=f"a {BLOCK_SIZE}-aligned start and room for at least one {io_size}-aligned "
+            f"{io_size}-byte write",
         )
     return start, end
 
@@ -238,6 +296,7 @@ def _writer(
     seed: int,
     tag: str,
     flush_interval_s: float,
+    io_size: int,
 ) -> int:
     import nbd  # Debian's python3-libnbd; imported here so the parent process need not load it
 
@@ -272,7 +331,7 @@ def _writer(
             return 3
         handles.append(h)
 
-    header = LogHeader(seed=seed, machine_tag=tag, disks=disks)
+    header = LogHeader(seed=seed, machine_tag=tag, disks=disks, io_size=io_size)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(log_fd, encode_log_header(header))
     os.fsync(log_fd)
@@ -290,8 +349,8 @@ def _writer(
         sys.stdout.flush()
 
     rng = random.Random(seed)
-    blocks = [(start, (end - start) // BLOCK_SIZE) for _n, start, end in disks]
-    interval = BLOCK_SIZE / rate
+    slots = [io_slots(start, end, io_size) for _n, start, end in disks]
+    interval = io_size / rate
     seq = 0
     say("ready")
     t0 = time.monotonic()
@@ -322,10 +381,11 @@ def _writer(
             elif now - due > _MAX_LAG_S:
                 t0, n = now, 0
             disk = rng.randrange(len(handles))
-            start, count = blocks[disk]
-            offset = start + rng.randrange(count) * BLOCK_SIZE
+            first, count = slots[disk]
+            offset = first + rng.randrange(count) * io_size
             seq += 1
-            handles[disk].pwrite(make_block(seed, tag, disk, seq, offset, time.time_ns()), offset)
+            # ONE request for the whole write: a point-in-time view holds all of it or none
+            handles[disk].pwrite(make_write(seed, tag, disk, seq, offset, io_size, time.time_ns()), offset)
             pending += _RECORD.pack(seq, disk, offset, time.monotonic_ns())
             n += 1
             now = time.monotonic()
@@ -353,15 +413,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disk", action="append", required=True, help="NAME:START:END, repeated; order = index")
     p.add_argument("--log", required=True)
     p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="bytes per second")
+    p.add_argument(
+        "--io-size",
+        type=int,
+        default=DEFAULT_IO_SIZE,
+        help=f"bytes per write: a multiple of {BLOCK_SIZE} from {BLOCK_SIZE} to {MAX_IO_SIZE}",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="demo")
     p.add_argument("--flush-interval", type=float, default=0.2)
     a = p.parse_args(argv)
-    disks = []
-    for spec in a.disk:
-        name, start, end = spec.rsplit(":", 2)
-        disks.append((name, *_check_region(name, (int(start), int(end)))))
-    return _writer(a.nbd, disks, a.log, a.rate, a.seed, a.tag, a.flush_interval)
+    try:
+        io_size = check_io_size(a.io_size)
+        disks = []
+        for spec in a.disk:
+            name, start, end = spec.rsplit(":", 2)
+            disks.append((name, *_check_region(name, (int(start), int(end)), io_size)))
+    except OutOfRange as err:
+        p.error(str(err))
+    return _writer(a.nbd, disks, a.log, a.rate, a.seed, a.tag, a.flush_interval, io_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +443,8 @@ class Workload:
     """Controls one workload writer process for one machine.
 
     ``disks`` maps each NBD export name (the disk name) to its workload region ``(start, end)``;
-    the dict's order gives the disk indexes. Use as a context manager to stop on exit.
+    the dict's order gives the disk indexes. ``io_size`` is the size of one write in bytes (a
+    multiple of 4096 from 4096 to 1 MiB). Use as a context manager to stop on exit.
     """
 
     def __init__(
@@ -386,7 +457,9 @@ class Workload:
         machine_tag: str = "demo",
         *,
         flush_interval_s: float = 0.2,
+        io_size: int = DEFAULT_IO_SIZE,
     ) -> None:
+        check_io_size(io_size)
         if not disks:
             raise InvalidInput("a workload needs at least one disk; give {export name: (start, end)}.")
         if not rate_bytes_s > 0:
@@ -395,12 +468,13 @@ class Workload:
             raise OutOfRange(field="flush_interval_s", value=flush_interval_s, allowed="(0, 0.5] seconds")
         _encode_tag(machine_tag)
         self.nbd_socket = Path(nbd_socket)
-        self.disks = {name: _check_region(name, region) for name, region in disks.items()}
+        self.disks = {name: _check_region(name, region, io_size) for name, region in disks.items()}
         self.log_path = Path(log_path)
         self.rate_bytes_s = rate_bytes_s
         self.seed = seed
         self.machine_tag = machine_tag
         self.flush_interval_s = flush_interval_s
+        self.io_size = io_size
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._lines = bytearray()
@@ -424,6 +498,8 @@ class Workload:
             self.machine_tag,
             "--flush-interval",
             repr(self.flush_interval_s),
+            "--io-size",
+            str(self.io_size),
         ]
         for name, (start, end) in self.disks.items():
             cmd += ["--disk", f"{name}:{start}:{end}"]
@@ -496,7 +572,7 @@ class Workload:
             with open(self.log_path, "rb") as f:
                 f.seek(LOG_HEADER_SIZE + (count - 1) * RECORD_SIZE)
                 last = _RECORD.unpack(f.read(RECORD_SIZE))[0]
-        return WorkloadStats(writes=count, bytes=count * BLOCK_SIZE, last_seq=last)
+        return WorkloadStats(writes=count, bytes=count * self.io_size, last_seq=last)
 
     def run_for(self, seconds: float) -> WorkloadStats:
         """Start (unless running), write for ``seconds``, stop cleanly; returns the stats."""
