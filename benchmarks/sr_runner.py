@@ -8,7 +8,8 @@ command line.
 
 Operations::
 
-    init         create the datastore directory and its key file
+    init         create the datastore (a directory, or s3://BUCKET/PREFIX?endpoint=URL with
+                 the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and its key file
     replicate    one recovery point of one disk:
                    --raw PATH                     RawSource (no change tracking: the engine
                                                   does "initial" without --base, "hash-resync"
@@ -55,15 +56,20 @@ def new_point_id(t: float) -> str:
     return f"rp-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(t))}-{secrets.token_hex(3)}"
 
 
-def open_datastore(a: argparse.Namespace) -> Datastore:
-    return Datastore.open_local(Path(a.datastore), VaultKey.load(Path(a.key)))
+def open_datastore(a: argparse.Namespace, create: bool = False) -> Datastore:
+    """A local directory, or ``s3://BUCKET/PREFIX?endpoint=URL`` (credentials from the AWS
+    environment variables)."""
+    key = VaultKey.load(Path(a.key))
+    if a.datastore.startswith("s3://"):
+        return Datastore.open_s3(a.datastore, key, create=create)
+    return Datastore.open_local(Path(a.datastore), key, create=create)
 
 
 def op_init(a: argparse.Namespace) -> dict[str, Any]:
     key_path = Path(a.key)
     if not key_path.exists():
         VaultKey.generate().save(key_path)
-    Datastore.open_local(Path(a.datastore), VaultKey.load(key_path), create=True)
+    open_datastore(a, create=True)
     return {"op": "init", "datastore": a.datastore}
 
 
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="op", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--datastore", required=True, help="datastore directory")
+        sp.add_argument("--datastore", required=True, help="datastore directory or s3:// URL")
         sp.add_argument("--key", required=True, help="vault key file")
 
     common(sub.add_parser("init"))
