@@ -7,7 +7,7 @@ from typing import Any
 
 from siterecovery.dataplane.datastore import Datastore
 from siterecovery.dataplane.process_server import ProcessServer
-from siterecovery.dataplane.replicate import Agent
+from siterecovery.dataplane.replicate import DEFAULT_THREADS, Agent
 from siterecovery.errors import InvalidInput
 from siterecovery.ports.source import Source
 
@@ -31,12 +31,12 @@ def source_for(site_kind: str, spec: dict[str, Any], work_dir: Path) -> Source:
     raise InvalidInput(f"site kind {site_kind!r} has no source adapter; supported: qemu, raw.")
 
 
-def embedded_agent(datastore: Datastore, threads: int = 3) -> Agent:
+def embedded_agent(datastore: Datastore, threads: int = DEFAULT_THREADS) -> Agent:
     """Agent and process server in one process (embedded mode)."""
     return Agent(datastore.codec, ProcessServer(datastore.chunks), threads=threads)
 
 
-def agent_for(vault: Any, threads: int = 3) -> tuple[Agent, Datastore]:
+def agent_for(vault: Any, threads: int = DEFAULT_THREADS) -> tuple[Agent, Datastore]:
     """The agent a replication cycle of ``vault`` uses, and the datastore it writes through.
 
     Embedded mode (the default): the embedded agent and the vault's datastore. When the vault

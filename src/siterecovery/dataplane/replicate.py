@@ -34,6 +34,7 @@ refers to chunks or pages that a crash could take away (as for a manifest).
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -51,6 +52,10 @@ READ_BLOCK = 4 * 1024 * 1024  # bytes per read request (64 chunks), and per batc
 BATCH_EXTENTS = 16  # small extents (scattered dirty blocks) read and processed as one task
 MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024  # read data held at once per disk (bounds memory)
 MAX_IN_FLIGHT_BATCHES = 16  # batches being read at once: keeps a latency-bound source busy
+# Batches processed at once: two more than the cores, so that a core whose thread waits for the
+# GIL or a lock has another ready (measured on 2 cores: 4 threads 2.46 s, 3 threads 2.55 s, 2
+# threads 2.79 s for scenario 1's initial replication, medians of 5).
+DEFAULT_THREADS = (os.cpu_count() or 1) + 2
 
 
 @dataclass
@@ -184,7 +189,7 @@ class Agent:
     for one replication cycle: the ids it claimed are never asked for again, so the next cycle
     (which may follow a garbage collection) takes a new instance."""
 
-    def __init__(self, codec: ChunkCodec, server: ProcessServer, threads: int = 3) -> None:
+    def __init__(self, codec: ChunkCodec, server: ProcessServer, threads: int = DEFAULT_THREADS) -> None:
         self.codec = codec
         self.server = server
         self.threads = threads
