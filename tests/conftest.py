@@ -6,6 +6,7 @@ prefix in one bucket (``s3_location``), so tests never see each other's objects.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -54,3 +55,20 @@ def s3_client(s3_server: SeaweedS3) -> Any:
     return make_client(
         S3Location(S3_BUCKET, endpoint_url=s3_server.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
     )
+
+
+@pytest.fixture
+def aws_credentials() -> Iterator[None]:
+    """The test S3 server's credentials in the AWS environment variables (as an operator sets
+    them for a vault on S3; child processes such as the worker inherit them), restored after."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

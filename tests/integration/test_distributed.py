@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from s3server import SeaweedS3
 from siterecovery.adapters.chunk_stores.s3 import S3Location
 from siterecovery.adapters.db.models import PointRow
 from siterecovery.adapters.transport import query_status
@@ -230,7 +230,7 @@ def _wait(what: str, check, timeout: float):
 
 
 def test_a_datastore_outage_behind_the_process_server_costs_rpo_not_data(
-    lab_factory, tmp_path: Path, monkeypatch
+    lab_factory, tmp_path: Path, aws_credentials: None
 ) -> None:
     s3_root = Path(tempfile.mkdtemp(prefix="sr-s3-", dir="/tmp"))
     s3 = SeaweedS3(s3_root)
@@ -238,8 +238,6 @@ def test_a_datastore_outage_behind_the_process_server_costs_rpo_not_data(
     try:
         s3.start()
         s3.create_bucket("outage")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         location = S3Location("outage", "ds", s3.endpoint).url()
         lab = lab_factory(datastore=location)
         ca = VaultCA.load_or_create(lab.vault.root, lab.vault.name)

@@ -438,7 +438,7 @@ def test_damaged_or_newer_index_is_refused() -> None:
         decode_index(b"XXXX" + data[4:], "index/x")
 
 
-def test_a_vault_on_s3_replicates_fails_over_and_verifies(lab_factory, s3_location, monkeypatch):
+def test_a_vault_on_s3_replicates_fails_over_and_verifies(lab_factory, s3_location, aws_credentials):
     """The whole path with the datastore on S3: enable, incremental points, a failover built
     from packs, datastore verify and GC (with repack)."""
     from siterecovery.control import failover
@@ -446,8 +446,6 @@ def test_a_vault_on_s3_replicates_fails_over_and_verifies(lab_factory, s3_locati
     from siterecovery.control.replication import take_point
     from siterecovery.control.vault import open_vault
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_location.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_location.secret_key)
     lab = lab_factory(datastore=s3_location.url())
     assert lab.vault.datastore_location == s3_location.url()
     lab.enable("vm1")
