@@ -28,6 +28,7 @@ from siterecovery.adapters.transport.tls import (
 )
 from siterecovery.control.certificates import Bundle, VaultCA, write_bundle
 from siterecovery.dataplane.datastore import Datastore
+from siterecovery.dataplane.index import IndexRef
 from siterecovery.dataplane.keys import VaultKey
 from siterecovery.dataplane.manifest import Manifest
 from siterecovery.dataplane.replicate import Agent
@@ -89,6 +90,21 @@ def server(tmp_path: Path, pki: Pki, datastore: Datastore) -> Iterator[RunningPr
     srv.close()
 
 
+def manifest_of(point_id: str, ref: IndexRef) -> Manifest:
+    """The manifest of a one-disk point of a raw image (what the control plane would write)."""
+    return Manifest(
+        format=1,
+        point_id=point_id,
+        item="vm1",
+        machine="vm1",
+        created_at=time.time(),
+        consistency="fuzzy",
+        method="initial",
+        disks={"disk0": ref},
+        stats={},
+    )
+
+
 def disk_image(path: Path, size: int, seed: int) -> Path:
     rnd = __import__("random").Random(seed)
     with open(path, "wb") as f:
@@ -109,18 +125,7 @@ def test_replication_through_a_process_server_is_byte_exact_and_deduplicated(
     view = RawDiskView("disk0", img)
     try:
         result = agent.replicate_disk(view_ds, view, None, changed=None)
-        manifest = Manifest(
-            format=1,
-            point_id="rp-1",
-            item="vm1",
-            machine="vm1",
-            created_at=time.time(),
-            consistency="fuzzy",
-            method="initial",
-            disks={"disk0": result.ref},
-            stats={},
-        )
-        view_ds.write_manifest(manifest)  # flushes through the process server first
+        view_ds.write_manifest(manifest_of("rp-1", result.ref))  # flushes through the process server first
         assert result.stats.chunks_sent == len(range(0, 8 * MIB, 5 * 65536))
 
         # Everything is durable in the datastore itself, not only in the spool.
@@ -152,19 +157,7 @@ def test_chunks_a_gc_elsewhere_removed_are_sent_again(
     def point(point_id: str) -> int:
         agent = Agent(view_ds.codec, remote)  # type: ignore[arg-type]  # one per cycle, as the worker does
         result = agent.replicate_disk(view_ds, view, None, changed=None)
-        view_ds.write_manifest(
-            Manifest(
-                format=1,
-                point_id=point_id,
-                item="vm1",
-                machine="vm1",
-                created_at=time.time(),
-                consistency="fuzzy",
-                method="initial",
-                disks={"disk0": result.ref},
-                stats={},
-            )
-        )
+        view_ds.write_manifest(manifest_of(point_id, result.ref))
         return result.stats.chunks_sent
 
     try:

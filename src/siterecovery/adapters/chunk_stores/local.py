@@ -81,7 +81,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from siterecovery.durable import fsync_dir
+from siterecovery.durable import fsync_dir, write_atomic
 from siterecovery.errors import ChunkMissing, DatastoreError, InvalidInput, StorageFull
 from siterecovery.ports.chunk_store import ChunkInfo, ObjectMissing
 
@@ -365,15 +365,10 @@ class LocalChunkStore:
 
     def _bump_generation(self) -> None:
         path = self.pack_dir / GENERATION_NAME
-        tmp = self.pack_dir / _temp_name()
         value = secrets.token_bytes(16)
         try:
-            _write_new(tmp, value, fsync=True)
-            os.replace(tmp, path)
-            fsync_dir(self.pack_dir)
+            write_atomic(path, value, mode=0o600)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise _os_error(err, path, "writing the pack generation") from err
         with self._lock:
             self._generation = value
@@ -1123,15 +1118,10 @@ class LocalChunkStore:
             pairs = [t for t in self._read_tombs(tomb_paths) if t[0] in known]
             if pairs:
                 path = self.pack_dir / f"{secrets.token_hex(16)}{TOMB_SUFFIX}"
-                tmp = self.pack_dir / _temp_name()
                 data = _TOMB_HEADER + b"".join(encode_tombstone(p, c) for p, c in sorted(set(pairs)))
                 try:
-                    _write_new(tmp, data, fsync=True)
-                    os.rename(tmp, path)
-                    fsync_dir(self.pack_dir)
+                    write_atomic(path, data, mode=0o600)
                 except OSError as err:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
                     raise _os_error(err, path, "writing tombstones") from err
             for old in tomb_paths:
                 with contextlib.suppress(FileNotFoundError):
