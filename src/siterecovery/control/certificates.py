@@ -71,8 +71,9 @@ class Bundle:
 
     @classmethod
     def at(cls, directory: Path) -> Bundle:
-        d = Path(directory)
-        return cls(d / "cert.pem", d / "key.pem", d / "ca.pem")
+        from siterecovery.adapters.transport import bundle_paths
+
+        return cls(*bundle_paths(directory))
 
     def check(self) -> Bundle:
         for p in (self.cert, self.key, self.ca):

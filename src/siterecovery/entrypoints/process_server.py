@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from siterecovery.adapters.transport import bundle_paths, certificate_name
+from siterecovery.adapters.transport import certificate_name
 from siterecovery.adapters.transport.server import ProcessServerService
 from siterecovery.adapters.transport.tls import (
     DEFAULT_CONTROL_PORT,
@@ -31,6 +31,7 @@ from siterecovery.adapters.transport.tls import (
     parse_address,
     server_context,
 )
+from siterecovery.control.certificates import Bundle
 from siterecovery.dataplane.spool import Spool
 from siterecovery.errors import InvalidInput, NotFound, SiteRecoveryError
 from siterecovery.ports.chunk_store import ChunkStore, ObjectMissing
@@ -89,14 +90,8 @@ class RunningProcessServer:
     """A started process server: ``data_address``, ``control_address``, ``status()``, ``close()``."""
 
     def __init__(self, cfg: ProcessServerConfig) -> None:
-        cert, key, ca = bundle_paths(cfg.certs)
-        for p in (cert, key, ca):
-            if not p.is_file():
-                raise NotFound(
-                    kind="certificate file",
-                    name=str(p),
-                    hint=" Issue one with 'siterecovery appliance register NAME --out DIR'.",
-                )
+        bundle = Bundle.at(cfg.certs).check()
+        cert, key, ca = bundle.cert, bundle.key, bundle.ca
         name = cfg.name or certificate_name(cert)
         ctx = server_context(cert, key, ca)
         store = open_chunk_store(cfg.datastore)
