@@ -17,7 +17,7 @@ import pytest
 
 from siterecovery.adapters.chunk_stores import LocalChunkStore, LocalObjectStore
 from siterecovery.errors import ChunkMissing, StorageFull
-from siterecovery.ports.chunk_store import ChunkStore, ObjectMissing, ObjectStore
+from siterecovery.ports.chunk_store import ChunkStore, ObjectMissing, ObjectStore, insert_all
 
 
 def cid(n: int) -> bytes:
@@ -134,6 +134,38 @@ def test_concurrent_inserts_of_many_ids(chunk_store: ChunkStore) -> None:
     assert chunk_store.get(cid(321)) == (321).to_bytes(4, "big")
 
 
+def test_insert_all_is_insert_of_each_in_order(chunk_store: ChunkStore) -> None:
+    chunk_store.insert(cid(1), b"old one")
+    chunk_store.flush()  # sealed (in a pack, for the local store), not only written
+    items = [(cid(1), b"new one"), (cid(2), b"two"), (cid(3), b"three"), (cid(2), b"two again")]
+    assert insert_all(chunk_store, items) == [False, True, True, False]
+    assert chunk_store.get(cid(1)) == b"old one"
+    assert chunk_store.get(cid(2)) == b"two"
+    assert insert_all(chunk_store, []) == []
+    chunk_store.flush()
+    assert sorted(i.chunk_id for i in chunk_store.list()) == [cid(1), cid(2), cid(3)]
+
+
+def test_concurrent_insert_all_of_overlapping_batches(chunk_store: ChunkStore) -> None:
+    barrier = threading.Barrier(4)
+    flags: list[list[bool]] = []
+
+    def work(k: int) -> None:
+        batch = [(cid(n), n.to_bytes(4, "big") * 100) for n in range(k * 50, k * 50 + 100)]
+        barrier.wait()
+        flags.append(insert_all(chunk_store, batch))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(list(chunk_store.list())) == 250
+    assert chunk_store.get(cid(120)) == (120).to_bytes(4, "big") * 100
+    # Every id was reported new by at least one batch (exactly one where the store can tell).
+    assert sum(sum(f) for f in flags) >= 250
+
+
 # -- ObjectStore --------------------------------------------------------------------------
 
 
@@ -246,6 +278,15 @@ def test_local_enospc_raises_storage_full_and_leaves_nothing_partial(tiny_tmpfs:
     again = LocalChunkStore(tiny_tmpfs)
     assert sorted(i.chunk_id for i in again.list()) == [cid(n) for n in range(stored)]
     assert all(again.get(cid(n)) == blob for n in range(stored))
+    # A batch that runs out of space mid-way: what fit is kept and complete, the rest is absent.
+    more = [(cid(n), blob) for n in range(200, 300)]
+    with pytest.raises(StorageFull, match="no space left"):
+        store.insert_many(more)
+    again = LocalChunkStore(tiny_tmpfs)
+    infos = list(again.list())
+    assert all(i.size == len(blob) for i in infos)
+    assert all(again.get(i.chunk_id) == blob for i in infos)
+    assert not [p for p in tiny_tmpfs.rglob(".tmp-*")]
     objects = LocalObjectStore(tiny_tmpfs / "objects")
     with pytest.raises(StorageFull):
         objects.put("big", os.urandom(200_000))

@@ -21,7 +21,7 @@ from siterecovery.dataplane.chunk_codec import (
     is_zero,
 )
 from siterecovery.dataplane.keys import VaultKey
-from siterecovery.errors import AlreadyExists, ChunkCorrupt, VaultError
+from siterecovery.errors import AlreadyExists, ChunkCorrupt, OutOfRange, VaultError
 
 KEY = VaultKey.generate()
 CODEC = ChunkCodec(KEY)
@@ -45,6 +45,38 @@ def test_round_trip_compressible_and_random_chunks() -> None:
         assert CODEC.decode(cid, blob) == data
     assert len(CODEC.encode(CODEC.chunk_id(text), text)) < CHUNK_SIZE // 10
     assert len(CODEC.encode(CODEC.chunk_id(rand), rand)) == CHUNK_SIZE + OVERHEAD
+
+
+def test_encode_many_gives_the_stored_form_of_encode() -> None:
+    text = (b"siterecovery " * 6000)[:CHUNK_SIZE]
+    rand = os.urandom(CHUNK_SIZE)
+    short = b"tail of a disk" * 10
+    mv = memoryview(bytearray(text + rand))  # slices of one buffer, as the agent passes them
+    datas: list[bytes | memoryview] = [mv[:CHUNK_SIZE], mv[CHUNK_SIZE:], short, text]
+    ids = [CODEC.chunk_id(d) for d in datas]
+    blobs = CODEC.encode_many(ids, datas)
+    assert [b[1] for b in blobs] == [CODEC_ZSTD, CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD]
+    for cid, data, blob in zip(ids, datas, blobs, strict=True):
+        assert isinstance(blob, bytes)
+        assert CODEC.decode(cid, blob) == bytes(data)
+        assert len(blob) == len(CODEC.encode(cid, data))  # same compressed size, same layout
+    assert CODEC.encode_many([], []) == []
+    (one,) = CODEC.encode_many([ids[2]], [short])
+    assert CODEC.decode(ids[2], one) == short
+    (empty,) = CODEC.encode_many([CODEC.chunk_id(b"")], [b""])
+    assert CODEC.decode(CODEC.chunk_id(b""), empty) == b""
+    with pytest.raises(OutOfRange, match="one per chunk id"):
+        CODEC.encode_many(ids, datas[:2])
+    with pytest.raises(OutOfRange, match="chunk id length"):
+        CODEC.encode_many([b"short", ids[1]], datas[:2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=3 * 4096), max_size=6))
+def test_encode_many_round_trips(datas: list[bytes]) -> None:
+    ids = [CODEC.chunk_id(d) for d in datas]
+    blobs = CODEC.encode_many(ids, datas)
+    assert [CODEC.decode(c, b) for c, b in zip(ids, blobs, strict=True)] == datas
 
 
 def test_chunk_id_is_keyed_and_deterministic() -> None:

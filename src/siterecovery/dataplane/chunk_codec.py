@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 
 import blake3
 import zstandard
@@ -134,10 +135,45 @@ class ChunkCodec:
             raise OutOfRange(
                 field="chunk size", value=len(plaintext), allowed=f"at most {MAX_PLAINTEXT} bytes"
             )
-        packed = self._compressor().compress(plaintext)
+        return self._seal(chunk_id, plaintext, self._compressor().compress(plaintext))
+
+    def encode_many(
+        self, chunk_ids: Sequence[bytes], plaintexts: Sequence[bytes | bytearray | memoryview]
+    ) -> list[bytes]:
+        """``encode`` of each pair, the same stored form. The whole batch is compressed in one
+        call that releases the GIL once (per-chunk calls hand the GIL over twice a chunk, which
+        keeps the other threads waiting for it)."""
+        if len(chunk_ids) != len(plaintexts):
+            raise OutOfRange(
+                field="plaintexts", value=len(plaintexts), allowed=f"{len(chunk_ids)}, one per chunk id"
+            )
+        for chunk_id, plaintext in zip(chunk_ids, plaintexts, strict=True):
+            if len(chunk_id) != ID_SIZE:
+                raise OutOfRange(field="chunk id length", value=len(chunk_id), allowed=f"{ID_SIZE} bytes")
+            if not 0 < len(plaintext) <= MAX_PLAINTEXT:
+                # The batch call cannot take an empty buffer; the single one does.
+                return [self.encode(c, p) for c, p in zip(chunk_ids, plaintexts, strict=True)]
+        if len(plaintexts) < 2:
+            return [self.encode(c, p) for c, p in zip(chunk_ids, plaintexts, strict=True)]
+        packed = self._compressor().multi_compress_to_buffer(list(plaintexts), threads=0)
+        return [
+            self._seal(chunk_id, plaintext, packed[i])
+            for i, (chunk_id, plaintext) in enumerate(zip(chunk_ids, plaintexts, strict=True))
+        ]
+
+    def _seal(
+        self,
+        chunk_id: bytes,
+        plaintext: bytes | bytearray | memoryview,
+        packed: bytes | zstandard.BufferSegment,
+    ) -> bytes:
+        """Header, nonce and AES-GCM of the compressed form, or of the plaintext if that is not
+        larger."""
+        payload: bytes | bytearray | memoryview
         if len(packed) < len(plaintext):
             header = _HEADER_ZSTD
-            payload: bytes | bytearray | memoryview = packed
+            # A BufferSegment exports the buffer protocol (its type stub does not declare it).
+            payload = packed if isinstance(packed, bytes) else memoryview(packed)  # type: ignore[arg-type]
         else:
             header = _HEADER_RAW
             payload = plaintext

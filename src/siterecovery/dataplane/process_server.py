@@ -9,9 +9,9 @@ wire protocol between the two without changing either side.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from siterecovery.ports.chunk_store import ChunkStore
+from siterecovery.ports.chunk_store import ChunkStore, insert_all
 
 
 class ProcessServer:
@@ -33,5 +33,15 @@ class ProcessServer:
         stored = len(blob) if new else 0
         with self._lock:
             self.received_bytes += len(blob)
+            self.stored_bytes += stored
+        return stored
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        """``put`` of each ``(chunk_id, blob)``, in one step of the store where it can."""
+        flags = insert_all(self.chunks, items)
+        received = sum(len(blob) for _, blob in items)
+        stored = sum(len(blob) for (_, blob), new in zip(items, flags, strict=True) if new)
+        with self._lock:
+            self.received_bytes += received
             self.stored_bytes += stored
         return stored

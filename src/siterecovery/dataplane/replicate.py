@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from siterecovery.allocator import tune_for_streaming
 from siterecovery.dataplane.chunk_codec import CHUNK_SIZE, ID_SIZE, ZERO_ID, ChunkCodec, is_zero_at
 from siterecovery.dataplane.datastore import Datastore
 from siterecovery.dataplane.index import IndexReader, IndexRef, IndexWriter
@@ -190,6 +191,7 @@ class Agent:
     (which may follow a garbage collection) takes a new instance."""
 
     def __init__(self, codec: ChunkCodec, server: ProcessServer, threads: int = DEFAULT_THREADS) -> None:
+        tune_for_streaming()
         self.codec = codec
         self.server = server
         self.threads = threads
@@ -254,11 +256,13 @@ class Agent:
             all_ids.append(ids)
         mine = self._claims.claim(list(changed)) if changed else []
         if mine:
-            for cid in self.server.missing(mine):
-                blob = self.codec.encode(cid, changed[cid])
-                stats.bytes_stored += self.server.put(cid, blob)
-                stats.bytes_sent += len(blob)
-                stats.chunks_sent += 1
+            lacking = self.server.missing(mine)
+            send = [cid for cid in mine if cid in lacking]  # in disk order
+            if send:
+                blobs = self.codec.encode_many(send, [changed[cid] for cid in send])
+                stats.bytes_stored += self.server.put_many(list(zip(send, blobs, strict=True)))
+                stats.bytes_sent += sum(len(blob) for blob in blobs)
+                stats.chunks_sent += len(send)
         return batch, all_ids, stats
 
     def replicate_disk(

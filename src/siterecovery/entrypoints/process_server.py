@@ -31,6 +31,7 @@ from siterecovery.adapters.transport.tls import (
     parse_address,
     server_context,
 )
+from siterecovery.allocator import tune_for_streaming
 from siterecovery.control.certificates import Bundle
 from siterecovery.dataplane.spool import Spool
 from siterecovery.errors import InvalidInput, NotFound, SiteRecoveryError
@@ -134,6 +135,7 @@ class RunningProcessServer:
 
 def serve(cfg: ProcessServerConfig, stop: threading.Event, ready: Any = None) -> None:
     """Run until ``stop`` is set; ``ready(server)`` is called once both ports listen."""
+    tune_for_streaming()
     server = RunningProcessServer(cfg)
     try:
         if ready is not None:

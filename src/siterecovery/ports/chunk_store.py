@@ -10,7 +10,7 @@ Every adapter (local directory, S3 packs, the in-memory fake) must pass
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +64,16 @@ class ChunkStore(Protocol):
     def list(self) -> Iterator[ChunkInfo]:
         """Every stored chunk, in no particular order. Safe to call while inserts run."""
         ...
+
+
+def insert_all(store: ChunkStore, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+    """``store.insert`` of each ``(chunk_id, blob)`` in order; a store that can do a batch in one
+    step (``insert_many``, same result) does it so."""
+    many = getattr(store, "insert_many", None)
+    if many is not None:
+        flags: list[bool] = many(items)
+        return flags
+    return [store.insert(chunk_id, blob) for chunk_id, blob in items]
 
 
 class ObjectMissing(KeyError):

@@ -76,7 +76,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -606,6 +606,43 @@ class LocalChunkStore:
         if full is not None:
             raise full
         return True
+
+    def insert_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """``insert`` for each item, in order, taking the store lock once for the new ones (an
+        agent's batch of chunks, written while other threads compress the next)."""
+        for chunk_id, _blob in items:
+            _check_id(chunk_id)
+        self._ready()
+        if self._legacy:
+            return [self.insert(cid, blob) for cid, blob in items]
+        flags: list[bool | None] = []
+        to_seal: list[_Pack] = []
+        full: StorageFull | None = None
+        with self._lock:
+            for chunk_id, blob in items:
+                loc = self._index.get(chunk_id)
+                if loc is not None:
+                    if self._packs[loc >> 64].state == "open":
+                        self._packs[loc >> 64].mtime = time.time()
+                        flags.append(False)
+                    else:
+                        flags.append(None)  # in a sealed pack: refreshed below, outside the lock
+                    continue
+                if full is not None:
+                    flags.append(None)  # not written: raised below, after the pack is sealed
+                    continue
+                sealed, full = self._append_locked(chunk_id, blob)
+                if sealed is not None:
+                    to_seal.append(sealed)
+                flags.append(full is None)
+        for pack in to_seal:
+            self._seal(pack)
+        if full is not None:
+            raise full
+        return [
+            flag if flag is not None else self.insert(cid, blob)
+            for flag, (cid, blob) in zip(flags, items, strict=True)
+        ]
 
     def _append_locked(self, chunk_id: bytes, blob: bytes) -> tuple[_Pack | None, StorageFull | None]:
         """Append ``blob`` to the open pack; return a pack to seal (full, or after running out

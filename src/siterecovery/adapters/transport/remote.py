@@ -25,7 +25,7 @@ makes the figure slightly high, never the data wrong).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from siterecovery.adapters.transport.tls import FrameClient, TransportError
 from siterecovery.dataplane.wire import (
@@ -79,17 +79,24 @@ class RemoteProcessServer:
 
     def put(self, chunk_id: bytes, blob: bytes) -> int:
         """Queue an encoded chunk; the batch goes out when full (see the module docstring)."""
-        batch: list[tuple[bytes, bytes]] | None = None
-        with self._cv:
-            self._queued.append((chunk_id, blob))
-            self._queued_bytes += len(blob) + 36
-            self.received_bytes += len(blob)
-            self.stored_bytes += len(blob)
-            if self._queued_bytes >= self.batch_bytes:
-                batch_no, batch = self._take_queue()
-        if batch is not None:
-            self._send(batch_no, batch)
-        return len(blob)
+        return self.put_many([(chunk_id, blob)])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        """Queue encoded chunks; a batch goes out whenever the queue is full."""
+        total = 0
+        for chunk_id, blob in items:
+            batch: list[tuple[bytes, bytes]] | None = None
+            with self._cv:
+                self._queued.append((chunk_id, blob))
+                self._queued_bytes += len(blob) + 36
+                self.received_bytes += len(blob)
+                self.stored_bytes += len(blob)
+                if self._queued_bytes >= self.batch_bytes:
+                    batch_no, batch = self._take_queue()
+            if batch is not None:
+                self._send(batch_no, batch)
+            total += len(blob)
+        return total
 
     def send_queued(self) -> None:
         """Send what is queued and wait until every batch queued so far is acknowledged."""
