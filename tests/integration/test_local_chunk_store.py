@@ -244,6 +244,35 @@ def test_concurrent_inserts_across_many_seals(tmp_path: Path) -> None:
     assert temp_files(tmp_path) == []
 
 
+def test_batches_spanning_packs_are_written_whole_and_sealed(tmp_path: Path) -> None:
+    """insert_many writes a pack's share of a batch in one vectored write: batches that span
+    several packs, and a batch of more buffers than one system call takes, all read back."""
+    store = LocalChunkStore(tmp_path, pack_size=40 * 1024)
+    sizes = {n: 700 + (n * 37) % 5000 for n in range(1500)}
+    done: list[int] = []
+    for start, count in ((0, 3), (3, 40), (43, 900), (943, 557)):  # 900 buffers > one call's 512
+        batch = [(cid(n), blob(n, sizes[n])) for n in range(start, start + count)]
+        assert store.insert_many(batch) == [True] * count
+        done += range(start, start + count)
+        assert all(store.get(cid(n)) == blob(n, sizes[n]) for n in done[-count:][::13])
+    assert store.insert_many([(cid(5), b"other"), (cid(2000), b"new"), (cid(2000), b"new")]) == [
+        False,
+        True,
+        False,
+    ]
+    store.flush()
+    packs = sealed_packs(tmp_path)
+    assert len(packs) > 10
+    with open(packs[0], "rb") as f:
+        names = {e[0] for e in footer_entries(read_footer(f.fileno(), packs[0])[1])}
+    assert names and names <= {cid(n) for n in done}
+    fresh = LocalChunkStore(tmp_path)
+    assert len(list(fresh.list())) == 1501
+    assert all(fresh.get(cid(n)) == blob(n, sizes[n]) for n in done)
+    assert fresh.get(cid(5)) == blob(5, sizes[5]) and fresh.get(cid(2000)) == b"new"
+    assert temp_files(tmp_path) == []
+
+
 entries = st.lists(
     st.tuples(st.binary(min_size=32, max_size=32), st.integers(8, 2**31), st.integers(0, 2**24)), max_size=60
 )
