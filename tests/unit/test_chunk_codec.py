@@ -61,6 +61,8 @@ def test_encode_many_gives_the_stored_form_of_encode() -> None:
         assert CODEC.decode(cid, blob) == bytes(data)
         assert len(blob) == len(CODEC.encode(cid, data))  # same compressed size, same layout
     assert CODEC.encode_many([], []) == []
+    twice = CODEC.encode_many([ids[0]] * 3, [text] * 3)
+    assert len({b[2:14] for b in twice}) == 3  # a nonce of its own for each
     (one,) = CODEC.encode_many([ids[2]], [short])
     assert CODEC.decode(ids[2], one) == short
     (empty,) = CODEC.encode_many([CODEC.chunk_id(b"")], [b""])

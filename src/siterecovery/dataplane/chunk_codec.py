@@ -135,7 +135,8 @@ class ChunkCodec:
             raise OutOfRange(
                 field="chunk size", value=len(plaintext), allowed=f"at most {MAX_PLAINTEXT} bytes"
             )
-        return self._seal(chunk_id, plaintext, self._compressor().compress(plaintext))
+        nonce = os.urandom(NONCE_SIZE)
+        return self._seal(chunk_id, plaintext, self._compressor().compress(plaintext), nonce)
 
     def encode_many(
         self, chunk_ids: Sequence[bytes], plaintexts: Sequence[bytes | bytearray | memoryview]
@@ -156,8 +157,10 @@ class ChunkCodec:
         if len(plaintexts) < 2:
             return [self.encode(c, p) for c, p in zip(chunk_ids, plaintexts, strict=True)]
         packed = self._compressor().multi_compress_to_buffer(list(plaintexts), threads=0)
+        # One system call for the batch's nonces: each call would hand the GIL over again.
+        nonces = os.urandom(NONCE_SIZE * len(plaintexts))
         return [
-            self._seal(chunk_id, plaintext, packed[i])
+            self._seal(chunk_id, plaintext, packed[i], nonces[i * NONCE_SIZE : (i + 1) * NONCE_SIZE])
             for i, (chunk_id, plaintext) in enumerate(zip(chunk_ids, plaintexts, strict=True))
         ]
 
@@ -166,6 +169,7 @@ class ChunkCodec:
         chunk_id: bytes,
         plaintext: bytes | bytearray | memoryview,
         packed: bytes | zstandard.BufferSegment,
+        nonce: bytes,
     ) -> bytes:
         """Header, nonce and AES-GCM of the compressed form, or of the plaintext if that is not
         larger."""
@@ -177,7 +181,6 @@ class ChunkCodec:
         else:
             header = _HEADER_RAW
             payload = plaintext
-        nonce = os.urandom(NONCE_SIZE)
         sealed = self._aead(chunk_id).encrypt(nonce, payload, header + chunk_id)
         return b"".join((header, nonce, sealed))
 
