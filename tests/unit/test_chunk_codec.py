@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,6 +80,17 @@ def test_encode_many_round_trips(datas: list[bytes]) -> None:
     ids = [CODEC.chunk_id(d) for d in datas]
     blobs = CODEC.encode_many(ids, datas)
     assert [CODEC.decode(c, b) for c, b in zip(ids, blobs, strict=True)] == datas
+
+
+def test_level_1_tuning_costs_little_ratio_and_keeps_the_content_size() -> None:
+    with open("/usr/bin/python3", "rb") as f:  # real machine code, as on a protected disk
+        chunks = [c for c in iter(lambda: f.read(CHUNK_SIZE), b"")][:40]
+    ours = sum(len(CODEC.encode(CODEC.chunk_id(c), c)) - OVERHEAD for c in chunks)
+    plain = sum(min(len(zstandard.ZstdCompressor(level=1).compress(c)), len(c)) for c in chunks)
+    assert plain < sum(map(len, chunks)) * 0.8  # the sample does compress
+    assert ours <= plain * 1.05
+    frame = CODEC._compressor().compress(chunks[0])
+    assert zstandard.get_frame_parameters(frame).content_size == len(chunks[0])
 
 
 def test_chunk_id_is_keyed_and_deterministic() -> None:

@@ -58,6 +58,12 @@ MAX_PLAINTEXT = 16 * 1024 * 1024
 # Above this size, hash with several threads (below it thread start-up costs more than it saves).
 _PARALLEL_HASH_MIN = 1024 * 1024
 
+# Level 1 (the default) with matches of at least 7 bytes instead of 6: on scenario 1's data
+# (host binaries) 4-7 % faster for 2.7 % larger output (64 KiB chunks: 413-427 MB/s at ratio
+# 0.382 became 442-446 MB/s at 0.392, one core). Compression is most of an initial
+# replication's CPU, and that CPU is spent on the protected machine.
+_LEVEL1_MIN_MATCH = 7
+
 _ZERO_CHUNK = bytes(CHUNK_SIZE)
 _HEADER_ZSTD = bytes((FORMAT_VERSION, CODEC_ZSTD))
 _HEADER_RAW = bytes((FORMAT_VERSION, CODEC_RAW))
@@ -116,7 +122,11 @@ class ChunkCodec:
     def _compressor(self) -> zstandard.ZstdCompressor:
         comp: zstandard.ZstdCompressor | None = getattr(self._local, "comp", None)
         if comp is None:
-            comp = zstandard.ZstdCompressor(level=self.level, write_content_size=True, write_checksum=False)
+            tuned = {"min_match": _LEVEL1_MIN_MATCH} if self.level == 1 else {}
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self.level, source_size=CHUNK_SIZE, write_content_size=1, write_checksum=0, **tuned
+            )
+            comp = zstandard.ZstdCompressor(compression_params=params)
             self._local.comp = comp
         return comp
 
