@@ -211,28 +211,35 @@ class Agent:
             datas: list[bytes | memoryview] = [view.read(block.offset, block.length) for block in batch]
             bases = [base_ids(block) for block in batch]
             with cpu:
-                return self._process_data(batch, datas, bases)
-        # A batch is at most READ_BLOCK bytes (see ``batches``): it fits one buffer. No view of
-        # the buffer outlives _process_data (it encodes into new bytes), so it can go back then.
-        buf = self._buffers.take()
-        try:
-            whole = memoryview(buf)
-            pos = 0
-            datas = []
-            for block in batch:
-                part = whole[pos : pos + block.length]
-                read_into(block.offset, part)
-                datas.append(part)
-                pos += block.length
-            bases = [base_ids(block) for block in batch]
-            with cpu:
-                return self._process_data(batch, datas, bases)
-        finally:
-            self._buffers.give(buf)
+                all_ids, stats, encoded = self._process_data(datas, bases)
+        else:
+            # A batch is at most READ_BLOCK bytes (see ``batches``): it fits one buffer. No view
+            # of the buffer outlives _process_data (it encodes into new bytes), so it goes back then.
+            buf = self._buffers.take()
+            try:
+                whole = memoryview(buf)
+                pos = 0
+                datas = []
+                for block in batch:
+                    part = whole[pos : pos + block.length]
+                    read_into(block.offset, part)
+                    datas.append(part)
+                    pos += block.length
+                bases = [base_ids(block) for block in batch]
+                with cpu:
+                    all_ids, stats, encoded = self._process_data(datas, bases)
+            finally:
+                self._buffers.give(buf)
+        if encoded:
+            # Storing waits on I/O (a pack's fdatasync when it fills up, or the network): it
+            # holds no processing slot, so another batch uses the core meanwhile.
+            stats.bytes_stored += self.server.put_many(encoded)
+        return batch, all_ids, stats
 
     def _process_data(
-        self, batch: list[Extent], datas: Sequence[bytes | memoryview], bases: list[list[bytes]]
-    ) -> tuple[list[Extent], list[list[bytes]], DiskStats]:
+        self, datas: Sequence[bytes | memoryview], bases: list[list[bytes]]
+    ) -> tuple[list[list[bytes]], DiskStats, list[tuple[bytes, bytes]]]:
+        """Ids of every chunk of ``datas``, and the encoded chunks the process server lacks."""
         stats = DiskStats()
         all_ids: list[list[bytes]] = []
         changed: dict[bytes, memoryview] = {}
@@ -255,15 +262,16 @@ class Agent:
                         changed[cid] = mv[i : i + n]
             all_ids.append(ids)
         mine = self._claims.claim(list(changed)) if changed else []
+        encoded: list[tuple[bytes, bytes]] = []
         if mine:
             lacking = self.server.missing(mine)
             send = [cid for cid in mine if cid in lacking]  # in disk order
             if send:
                 blobs = self.codec.encode_many(send, [changed[cid] for cid in send])
-                stats.bytes_stored += self.server.put_many(list(zip(send, blobs, strict=True)))
+                encoded = list(zip(send, blobs, strict=True))
                 stats.bytes_sent += sum(len(blob) for blob in blobs)
                 stats.chunks_sent += len(send)
-        return batch, all_ids, stats
+        return all_ids, stats, encoded
 
     def replicate_disk(
         self,
