@@ -29,12 +29,7 @@ class ProcessServer:
 
     def put(self, chunk_id: bytes, blob: bytes) -> int:
         """Store one encoded chunk; return the bytes newly stored (0 if it was there already)."""
-        new = self.chunks.insert(chunk_id, blob)
-        stored = len(blob) if new else 0
-        with self._lock:
-            self.received_bytes += len(blob)
-            self.stored_bytes += stored
-        return stored
+        return self.put_many([(chunk_id, blob)])
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
         """``put`` of each ``(chunk_id, blob)``, in one step of the store where it can."""

@@ -697,14 +697,8 @@ class LocalChunkStore:
                         return to_seal, full
                 done += len(group)
                 continue
-            now = time.time()
             for chunk_id, blob in group:
-                pack.entries[chunk_id] = (pack.end, len(blob))
-                self._index[chunk_id] = _loc(pack.no, pack.end, len(blob))
-                pack.end += len(blob)
-                pack.entry_bytes += len(blob)
-                pack.live_bytes += len(blob)
-            pack.mtime = now
+                self._record_locked(pack, chunk_id, len(blob))
             done += len(group)
             if pack.end >= self.pack_size:
                 sealed = self._detach_open_locked()
@@ -727,13 +721,17 @@ class LocalChunkStore:
                 raise error from err
             # Keep what the pack holds: seal it with the space reserved for its footer.
             return self._detach_open_locked(), error
-        pack.entries[chunk_id] = (pack.end, len(blob))
-        self._index[chunk_id] = _loc(pack.no, pack.end, len(blob))
-        pack.end += len(blob)
-        pack.entry_bytes += len(blob)
-        pack.live_bytes += len(blob)
-        pack.mtime = time.time()
+        self._record_locked(pack, chunk_id, len(blob))
         return (self._detach_open_locked() if pack.end >= self.pack_size else None), None
+
+    def _record_locked(self, pack: _Pack, chunk_id: bytes, length: int) -> None:
+        """Enter a blob just written at the end of the open ``pack`` into the pack and the index."""
+        pack.entries[chunk_id] = (pack.end, length)
+        self._index[chunk_id] = _loc(pack.no, pack.end, length)
+        pack.end += length
+        pack.entry_bytes += length
+        pack.live_bytes += length
+        pack.mtime = time.time()
 
     def _touch_sealed(self, chunk_id: bytes, loc: int) -> bool:
         """Refresh the mtime of the pack holding ``chunk_id``; False if that pack is gone (then
