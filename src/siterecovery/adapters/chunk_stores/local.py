@@ -128,6 +128,16 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int | None
             offset += n
 
 
+def _unlink(path: Path, doing: str) -> None:
+    """Remove ``path``; an absent file is not an error, another failure names ``doing``."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise _os_error(err, path, doing) from err
+
+
 _IOV_MAX = 512  # buffers per pwritev call, below every system's IOV_MAX
 
 
@@ -1010,13 +1020,7 @@ class LocalChunkStore:
                 except OSError as err:
                     raise _os_error(err, self.pack_dir, "recording a deleted chunk") from err
         if self._legacy:
-            path = self.legacy_path(chunk_id)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                raise _os_error(err, path, "deleting a chunk") from err
+            _unlink(self.legacy_path(chunk_id), "deleting a chunk")
 
     def _append_tombs_locked(self, data: bytes) -> None:
         if self._tomb_fd is None:
@@ -1316,10 +1320,4 @@ class LocalObjectStore:
         return iter(sorted(names))
 
     def delete(self, name: str) -> None:
-        path = self._path(name)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise _os_error(err, path, f"deleting object {name!r}") from err
+        _unlink(self._path(name), f"deleting object {name!r}")
